@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make run    set up .venv and fine-tune a small model on a local example
+#   make test   set up .venv and run every check CI runs
+# Setup installs torch==2.13.0 (CPU) first, then the project with pinned constraints.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint unit crd constraints clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/tuneloop validate examples/*.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/tuneloop crd --check
+
+test: lint
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+unit: setup
+	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)
+
+crd: setup
+	$(VENV)/bin/tuneloop crd
+
+constraints: setup
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.txt.new
+	@echo "review constraints.txt.new (keep the header comment), then move it over constraints.txt"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -1,0 +1,8 @@
+"""Tuneloop: a Kubernetes operator for fine-tuning foundation models, continuously.
+
+This core package holds what every part shares: the FineTuneJob API (:mod:`tuneloop.api`),
+CRD generation (:mod:`tuneloop.crd`), manifest validation and the ``tuneloop`` CLI. It
+imports neither Kopf nor the torch stack.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,252 @@
+"""The FineTuneJob status: what the operator observed.
+
+Conditions follow ``metav1.Condition`` (type, status, reason, message,
+lastTransitionTime, observedGeneration) so kubectl, Argo CD and Flux (kstatus) read them
+without teaching. ``phase`` is derived from the conditions (:func:`derive_phase`), never
+stored apart from them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal
+
+from pydantic import Field
+
+from tuneloop.api.types import ApiModel
+
+Phase = Literal["Pending", "Validating", "Running", "Evaluating", "Succeeded", "Failed", "Suspended"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+RunTrigger = Literal["Created", "SpecChange", "NewData", "Drift", "Schedule", "Manual"]
+RunResult = Literal["Succeeded", "Failed", "GateFailed", "Superseded", "Cancelled"]
+
+
+class ConditionType:
+    """Condition types a FineTuneJob reports."""
+
+    READY: Final = "Ready"
+    """A promoted model is available and the latest run is not failing."""
+    RUNNING: Final = "Running"
+    """A run is in progress (pods exist or are being created)."""
+    COMPLETE: Final = "Complete"
+    """The latest run finished successfully."""
+    FAILED: Final = "Failed"
+    """The latest run failed, or the spec is invalid."""
+    SUSPENDED: Final = "Suspended"
+    """``spec.suspend`` is true and the run's pods are gone."""
+    DATA_VALID: Final = "DataValid"
+    """The latest run's data passed validation."""
+    PROMOTED: Final = "Promoted"
+    """The latest run's model was promoted."""
+
+    ALL: Final = (READY, RUNNING, COMPLETE, FAILED, SUSPENDED, DATA_VALID, PROMOTED)
+
+
+class Reason:
+    """Reasons used in conditions and events (CamelCase, as Kubernetes expects)."""
+
+    CREATED: Final = "Created"
+    """The job was created; the first run is being set up."""
+    INVALID_SPEC: Final = "InvalidSpec"
+    """The spec breaks a rule the CRD schema cannot check; no pod is created."""
+    POD_CREATED: Final = "PodCreated"
+    """Trainer pods were created."""
+    POD_PENDING: Final = "PodPending"
+    """Trainer pods exist but are not running yet (scheduling, image pull)."""
+    POD_STUCK: Final = "PodStuck"
+    """A trainer pod cannot start (image pull error, unschedulable); the message says why."""
+    TRAINING: Final = "Training"
+    """The trainer is training."""
+    EVALUATING: Final = "Evaluating"
+    """The trainer is evaluating the trained model."""
+    SUCCEEDED: Final = "Succeeded"
+    """The run finished and wrote its model."""
+    DATA_VALIDATED: Final = "DataValidated"
+    """The data passed validation."""
+    INVALID_DATA: Final = "InvalidData"
+    """The data failed validation (permanent; not retried)."""
+    INVALID_CONFIG: Final = "InvalidConfig"
+    """The trainer rejected its configuration (permanent; not retried)."""
+    UNSUPPORTED_MODEL: Final = "UnsupportedModel"
+    """The model does not fit the task or method (permanent; not retried)."""
+    GATE_FAILED: Final = "GateFailed"
+    """The run trained but did not pass its promotion gates."""
+    BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+    """Retryable failures exceeded ``spec.backoffLimit``."""
+    PREEMPTION_LIMIT_EXCEEDED: Final = "PreemptionLimitExceeded"
+    """The run was preempted more often than the operator allows."""
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    """The run was active longer than ``spec.activeDeadlineSeconds``."""
+    RETRYING: Final = "Retrying"
+    """A retryable failure; the run is retried with backoff from its last checkpoint."""
+    PREEMPTED: Final = "Preempted"
+    """A pod was preempted, evicted or lost with its node; recreated without using a retry."""
+    SUSPENDED: Final = "Suspended"
+    """``spec.suspend`` is true."""
+    RESUMED: Final = "Resumed"
+    """The job was unsuspended; the run continues from its last checkpoint."""
+    AWAITING_APPROVAL: Final = "AwaitingApproval"
+    """Gates passed; promotion waits for the approval annotation."""
+    PROMOTED: Final = "Promoted"
+    """The run's model was promoted."""
+    NOT_PROMOTED: Final = "NotPromoted"
+    """The run's model was not promoted (gates or approval); the message says why."""
+    NO_RUN: Final = "NoRun"
+    """No run has happened yet."""
+
+
+class Condition(ApiModel):
+    """One aspect of the job's state, in the shape of ``metav1.Condition``."""
+
+    type: Annotated[str, Field(min_length=1, max_length=316)]
+    """Condition type, e.g. ``Running`` (see the ConditionType constants)."""
+    status: ConditionStatus
+    """``True``, ``False`` or ``Unknown``."""
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
+    """Machine-readable CamelCase reason (see the Reason constants)."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable detail."""
+    last_transition_time: datetime
+    """When ``status`` last changed (not when the message did)."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The ``metadata.generation`` this condition was computed for."""
+
+
+class Progress(ApiModel):
+    """Training progress, read from the trainer's heartbeat (Kubeflow Trainer's names)."""
+
+    step: Annotated[int, Field(ge=0)] = 0
+    """Optimizer steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps planned."""
+    epoch: Annotated[float, Field(ge=0)] = 0.0
+    """Fractional epoch."""
+    progress_percentage: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Percent of planned steps done."""
+    estimated_remaining_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds to the end of training."""
+    loss: float | None = None
+    """Latest training loss."""
+    tokens_per_second: Annotated[float, Field(ge=0)] | None = None
+    """Training throughput in non-padding tokens per second."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Latest evaluation metrics by name."""
+    last_updated_time: datetime | None = None
+    """When the heartbeat was written."""
+
+
+class CheckpointRef(ApiModel):
+    """A complete checkpoint (its manifest was written)."""
+
+    step: Annotated[int, Field(ge=0)]
+    """Step of the checkpoint."""
+    uri: Annotated[str, Field(max_length=2048)]
+    """Where it is."""
+
+
+class CurrentRun(ApiModel):
+    """The run in progress (or the latest one)."""
+
+    number: Annotated[int, Field(ge=1)]
+    """Run number, counting from 1 per job."""
+    trigger: RunTrigger
+    """What started the run."""
+    pods: list[str] = Field(default_factory=list)
+    """Names of the run's pods."""
+    start_time: datetime | None = None
+    """When the run started."""
+    attempts: Annotated[int, Field(ge=0)] = 0
+    """Attempts so far (retries after failures; preemptions are counted apart)."""
+    preemptions: Annotated[int, Field(ge=0)] = 0
+    """Pods lost to preemption, eviction or node failure."""
+    generation: Annotated[int, Field(ge=0)] | None = None
+    """The spec generation the run trains."""
+    progress: Progress | None = None
+    """Training progress."""
+    last_checkpoint: CheckpointRef | None = None
+    """Latest complete checkpoint."""
+
+
+class RunRecord(ApiModel):
+    """A finished run, kept in a bounded history."""
+
+    number: Annotated[int, Field(ge=1)]
+    """Run number."""
+    trigger: RunTrigger
+    """What started it."""
+    result: RunResult
+    """How it ended."""
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    """Reason of the result (a Reason constant)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Final test metrics."""
+    model_uri: Annotated[str, Field(max_length=2048)] | None = None
+    """Where the model was written."""
+    data_fingerprint: Annotated[str, Field(max_length=128)] | None = None
+    """Hash of the data the run trained on."""
+    start_time: datetime | None = None
+    """When it started."""
+    completion_time: datetime | None = None
+    """When it ended."""
+
+
+class Promoted(ApiModel):
+    """The model currently promoted."""
+
+    run: Annotated[int, Field(ge=1)]
+    """Run that produced it."""
+    model_uri: Annotated[str, Field(max_length=2048)]
+    """Where it is."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Its test metrics."""
+    time: datetime | None = None
+    """When it was promoted."""
+
+
+MAX_RUN_HISTORY: Final = 20
+
+
+class FineTuneJobStatus(ApiModel):
+    """The observed state of a FineTuneJob."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The ``metadata.generation`` the operator last acted on."""
+    phase: Phase | None = None
+    """Summary derived from the conditions."""
+    conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
+    """Conditions (``metav1.Condition`` shape)."""
+    current_run: CurrentRun | None = None
+    """The run in progress, or the latest one."""
+    runs: Annotated[list[RunRecord], Field(max_length=MAX_RUN_HISTORY)] = Field(default_factory=list)
+    """The most recent finished runs, newest last."""
+    promoted: Promoted | None = None
+    """The promoted model."""
+    metric: Annotated[str, Field(max_length=128)] | None = None
+    """Headline metric of the latest run as ``name=value`` (shown by ``kubectl get``)."""
+
+
+def find_condition(conditions: list[Condition], type_: str) -> Condition | None:
+    """The condition of a type, if present."""
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def derive_phase(conditions: list[Condition]) -> Phase:
+    """The phase a set of conditions means, most decisive first."""
+    running = find_condition(conditions, ConditionType.RUNNING)
+    data = find_condition(conditions, ConditionType.DATA_VALID)
+    complete = find_condition(conditions, ConditionType.COMPLETE)
+    failed = find_condition(conditions, ConditionType.FAILED)
+    suspended = find_condition(conditions, ConditionType.SUSPENDED)
+    if suspended is not None and suspended.status == "True":
+        return "Suspended"
+    if failed is not None and failed.status == "True":
+        return "Failed"
+    if running is not None and running.status == "True":
+        if running.reason == Reason.EVALUATING:
+            return "Evaluating"
+        if data is not None and data.status == "Unknown":
+            return "Validating"
+        return "Running"
+    if complete is not None and complete.status == "True":
+        return "Succeeded"
+    return "Pending"

@@ -1,0 +1,133 @@
+"""The ``tuneloop`` command line.
+
+    tuneloop validate FILE...   check FineTuneJob manifests (exit 0 when all are valid)
+    tuneloop crd [--check]      regenerate (or check) crds/ and docs/api.md from the models
+
+Exit codes of ``validate``: 0 all valid, 1 some manifest is invalid, 2 a file could not
+be read as YAML (missing, too large, malformed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from tuneloop import __version__
+from tuneloop.manifests import ManifestError, read_manifests
+from tuneloop.validate import Problem, validate_manifest
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_UNREADABLE = 2
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    reports: list[dict[str, Any]] = []
+    invalid = unreadable = valid = 0
+    for path in args.files:
+        error: ManifestError | None = None
+        try:
+            documents = read_manifests(path)
+        except ManifestError as exc:
+            error, documents = exc, exc.documents
+        if not documents and error is None:
+            unreadable += 1
+            reports.append({"source": path, "error": "no YAML documents in the file"})
+            if args.output == "text":
+                print(f"error: {path}: no YAML documents in the file", file=sys.stderr)
+            continue
+        for doc in documents:
+            _job, problems = validate_manifest(doc.body)
+            reports.append(
+                {
+                    "source": doc.source,
+                    "document": doc.index,
+                    "line": doc.line,
+                    "valid": not problems,
+                    "problems": [{"path": p.path, "message": p.message, "hint": p.hint} for p in problems],
+                }
+            )
+            if problems:
+                invalid += 1
+                if args.output == "text":
+                    _print_problems(doc.describe(), problems)
+            else:
+                valid += 1
+                if args.output == "text" and not args.quiet:
+                    print(f"ok: {doc.describe()}")
+        if error is not None:
+            unreadable += 1
+            reports.append({"source": path, "error": str(error)})
+            if args.output == "text":
+                print(f"error: {error}", file=sys.stderr)
+    if args.output == "json":
+        print(json.dumps({"valid": valid, "invalid": invalid, "unreadable": unreadable, "reports": reports}, indent=2))
+    elif not args.quiet or invalid or unreadable:
+        total = valid + invalid
+        print(
+            f"{total} manifest{'s' if total != 1 else ''} checked: {valid} valid, {invalid} invalid"
+            + (f"; {unreadable} file{'s' if unreadable != 1 else ''} unreadable" if unreadable else ""),
+            file=sys.stderr if (invalid or unreadable) else sys.stdout,
+        )
+    if unreadable:
+        return EXIT_UNREADABLE
+    return EXIT_INVALID if invalid else EXIT_OK
+
+
+def _print_problems(where: str, problems: list[Problem]) -> None:
+    count = len(problems)
+    print(f"invalid: {where}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+    for problem in problems:
+        for i, line in enumerate(str(problem).splitlines()):
+            print(("  - " if i == 0 else "    ") + line, file=sys.stderr)
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from tuneloop import crd  # noqa: PLC0415  (only this command needs it)
+
+    argv = ["--root", args.root] + (["--check"] if args.check else [])
+    return crd.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="tuneloop", description="Fine-tune foundation models, continuously, on Kubernetes or locally."
+    )
+    parser.add_argument("--version", action="version", version=f"tuneloop {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = sub.add_parser(
+        "validate",
+        help="check FineTuneJob manifests",
+        description="Check FineTuneJob manifests (multi-document YAML too). For each problem: the document, "
+        "the field path, what is wrong and what to do. Exit 0 when all are valid, 1 when some manifest is "
+        "invalid, 2 when a file cannot be read.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="manifest files ('-' reads standard input)")
+    validate.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+    validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    validate.set_defaults(func=_cmd_validate)
+
+    crd = sub.add_parser("crd", help="generate crds/ and docs/api.md from the API models")
+    crd.add_argument("--root", default=".", help="repository root (default: .)")
+    crd.add_argument("--check", action="store_true", help="fail if the committed files are out of date")
+    crd.set_defaults(func=_cmd_crd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tuneloop`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
