@@ -222,6 +222,7 @@ OPERATOR_ONLY_RULES: Final = (
     "spec.promotion.gates[*].metric names a computed metric",
     "spec.earlyStopping.metric names a computed metric",
     "spec.evaluation.fairness.metric names a computed metric",
+    "spec.retrain.schedule parses as a cron expression (the schema only bounds its length)",
 )
 
 

@@ -65,7 +65,6 @@ def raise_issues(title: str, issues: Sequence[tuple[Loc, str]], value: object) -
 URI_SCHEMES: Final = ("s3", "hf", "file")
 URI_MAX_LENGTH: Final = 1024
 # No whitespace or control characters anywhere, a known scheme, something after it.
-URI_PATTERN: Final = r"^(s3|hf|file)://[^\s\x00-\x1f\x7f]+$"
 # A ``..`` path segment: rejected so that no URI can climb out of its prefix.
 DOT_DOT_SEGMENT: Final = r"(^|/)\.\.(/|$)"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -104,12 +103,34 @@ def check_uri(value: str, schemes: Sequence[str]) -> str:
     return value
 
 
+_SAFE = r"[^\s\x00-\x1f\x7f]"
+#: Per-scheme shapes, for the CRD's ``pattern`` (RE2 has no look-ahead, so the '..' rule
+#: is a CEL rule beside it).
+_SCHEME_PATTERNS: Final = {
+    "s3": rf"s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/{_SAFE}*)?",
+    "hf": r"hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?",
+    "file": rf"file:///{_SAFE}*",
+}
+
+
 def _uri_type(*schemes: str) -> Any:
-    pattern = rf"^({'|'.join(schemes)})://[^\s\x00-\x1f\x7f]+$"
+    pattern = "^(" + "|".join(_SCHEME_PATTERNS[s] for s in schemes) + ")$"
     return Annotated[
         str,
         AfterValidator(lambda v: check_uri(v, schemes)),
-        WithJsonSchema({"type": "string", "maxLength": URI_MAX_LENGTH, "pattern": pattern}),
+        WithJsonSchema(
+            {
+                "type": "string",
+                "maxLength": URI_MAX_LENGTH,
+                "pattern": pattern,
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "!self.matches('(^|/)\\\\.\\\\.(/|$)')",
+                        "message": "must not contain '..' path segments; write the full path",
+                    }
+                ],
+            }
+        ),
     ]
 
 
