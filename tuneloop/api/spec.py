@@ -55,6 +55,8 @@ METRIC_OUTPUTS: Final[dict[str, tuple[str, ...]]] = {
     "bleu": ("bleu",),
     "perplexity": ("perplexity",),
 }
+#: Metric families computed from generated text (one ``generate()`` per example).
+GENERATION_METRICS: Final = frozenset({"rouge", "bleu"})
 #: Metrics where lower is better; everything else is higher-is-better.
 LOWER_IS_BETTER: Final = frozenset(
     {"eval_loss", "perplexity", "ood_eval_loss", "ood_perplexity", "forgetting_increase", "fairness_gap"}
