@@ -19,6 +19,7 @@ from tuneloop.api.types import (
     CronExpression,
     DataUri,
     Duration,
+    Endpoint,
     Loc,
     ModelUri,
     ObjectName,
@@ -416,8 +417,8 @@ class Storage(ApiModel):
     """How to reach S3. Credentials come from the Secret, or from the pod's identity
     (IRSA, workload identity) when no Secret is named."""
 
-    endpoint: Annotated[str, Field(max_length=512, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")] | None = None
-    """S3-compatible endpoint (MinIO, Ceph…); omit for AWS."""
+    endpoint: Endpoint | None = None
+    """S3-compatible endpoint (MinIO, Ceph…); omit for AWS. No credentials in the URL."""
     region: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")] | None = None
     """Region of the bucket."""
     secret_ref: SecretReference | None = None
@@ -479,7 +480,7 @@ class NewDataTrigger(ApiModel):
 class PrometheusDrift(ApiModel):
     """A PromQL query whose value signals drift."""
 
-    url: Annotated[str, Field(max_length=512, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
+    url: Endpoint
     """Prometheus base URL, e.g. ``http://prometheus.monitoring:9090``."""
     query: Annotated[str, Field(min_length=1, max_length=4096)]
     """PromQL returning one number, e.g. a drift score or a live accuracy."""

@@ -142,6 +142,29 @@ OutputUri = _uri_type("s3", "file")
 """Where results go: ``s3://bucket/prefix/`` or ``file:///dir``."""
 
 
+# --- HTTP endpoints ----------------------------------------------------------------
+
+ENDPOINT_PATTERN: Final = r"^https?://[^\s/@]+(/[^\s]*)?$"
+
+
+def _check_endpoint(value: str) -> str:
+    # The value is never echoed: a URL with user:password@ carries a secret.
+    authority = value.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in authority:
+        raise ValueError("must not contain credentials (user:password@); keep them in a Secret and reference it")
+    if not re.match(ENDPOINT_PATTERN, value):
+        raise ValueError("must be an http:// or https:// URL such as https://minio.storage:9000")
+    return value
+
+
+Endpoint = Annotated[
+    str,
+    AfterValidator(_check_endpoint),
+    WithJsonSchema({"type": "string", "maxLength": 512, "pattern": ENDPOINT_PATTERN}),
+]
+"""An HTTP(S) endpoint URL without credentials."""
+
+
 # --- names -----------------------------------------------------------------------------
 
 DNS1123_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

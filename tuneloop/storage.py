@@ -1,0 +1,1302 @@
+"""Object storage for ``s3://`` and ``file://`` URIs, shared by the trainer, the operator and the CLI.
+
+One small interface (:class:`Storage`) with two implementations: :class:`S3Storage` (boto3, for AWS
+S3 and S3-compatible stores) and :class:`FileStorage` (a local or mounted filesystem, for laptops and
+tests). :meth:`Storage.for_uri` picks one. Both give the same semantics:
+
+* **URIs are literal.** ``s3://bucket/a%20b`` names the key ``a%20b``; nothing is percent-decoded.
+* **Prefixes.** :meth:`Storage.list` of ``…/data/`` lists everything under ``data/``, recursively; of
+  ``…/data`` (no trailing slash) the object ``data`` itself when it exists, else everything under
+  ``data/`` (never ``data2/…``). Keys in the result are relative to the prefix (a single object's
+  key is its name). A directory with no files, like an S3 prefix with no objects, does not exist.
+* **Keys are checked.** :func:`safe_join` builds a URI strictly under an output prefix and refuses
+  anything that could climb out of it ('..', absolute keys, backslashes, empty or '.' segments,
+  control characters, percent-encoded traversal). :meth:`Storage.download_prefix` refuses objects
+  whose keys would land outside the destination directory, before downloading anything.
+* **Atomic writes.** A reader never sees half an object: S3 PUTs and multipart completions are
+  atomic; ``file://`` writes go to a temporary file in the same directory, then are renamed.
+  Downloads land in a temporary file and are renamed only after they were verified.
+* **Integrity.** Uploads record the file's SHA-256 in the object metadata (``x-amz-meta-sha256``)
+  and, unless ``spec.storage.checksums`` is ``when-required``, ask S3 for a SHA-256 checksum too.
+  Downloads always check the size, and check the SHA-256 against every reference available: the
+  caller's ``expected_sha256``, the metadata, and S3's own full-object checksum. A mismatch raises
+  :class:`StorageError` and leaves no partial file behind.
+* **Errors** are :class:`StorageError` (or :class:`NotFoundError`) with a message naming the URI and
+  what to do. Credentials never appear in messages: they are only ever taken from the standard AWS
+  environment and credential chain (the pod gets them from the Secret named by
+  ``spec.storage.secretRef`` via ``secretKeyRef`` env vars, or from its IAM role), never from the
+  spec; botocore's own exception text is not chained onto ours.
+
+Local-side problems (a missing source file for an upload, an unwritable destination for a download)
+surface as the usual :class:`OSError`; problems with the URI side are :class:`StorageError`.
+
+Incomplete multipart uploads
+----------------------------
+A pod killed during a large upload (preemption, OOM, ``activeDeadlineSeconds``) leaves an incomplete
+multipart upload behind. Its parts are invisible to listings but are stored and billed until
+aborted. Give the bucket a lifecycle rule that aborts them, for example after one day
+(:data:`ABORT_INCOMPLETE_MULTIPART_UPLOADS_RULE`)::
+
+    {
+      "Rules": [
+        {
+          "ID": "tuneloop-abort-incomplete-multipart-uploads",
+          "Status": "Enabled",
+          "Filter": {"Prefix": ""},
+          "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}
+        }
+      ]
+    }
+
+    aws s3api put-bucket-lifecycle-configuration --bucket <bucket> \\
+        --lifecycle-configuration file://lifecycle.json
+
+``put-bucket-lifecycle-configuration`` replaces the bucket's existing rules: merge this one into them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import unicodedata
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
+from urllib.parse import unquote, urlsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    FlexibleChecksumError,
+    HTTPClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+from s3transfer.subscribers import BaseSubscriber
+
+from tuneloop import __version__
+from tuneloop.api.spec import Storage as StorageSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef, ObjectTypeDef
+    from s3transfer.futures import TransferFuture
+    from s3transfer.manager import TransferManager
+
+__all__ = [
+    "ABORT_INCOMPLETE_MULTIPART_UPLOADS_RULE",
+    "FileStorage",
+    "InvalidUriError",
+    "NotFoundError",
+    "ObjectInfo",
+    "S3Storage",
+    "Storage",
+    "StorageError",
+    "UnsafeKeyError",
+    "parse_s3_uri",
+    "redact",
+    "safe_join",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --- keeping credentials out of logs ------------------------------------------------------
+
+_SECRET_ENV_NAMES: Final = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# A session token in a canonical request ("x-amz-security-token:…"), a header dict
+# ("'X-Amz-Security-Token': b'…'"), a header list ("('X-Amz-Security-Token', '…')") or a presigned
+# URL ("X-Amz-Security-Token=…").
+_TOKEN_RE: Final = re.compile(r"(x-amz-security-token['\"]?\s*[:=,]\s*b?['\"]?)[^'\"\s,&})]+", re.IGNORECASE)
+#: botocore loggers whose DEBUG records carry request headers (and so a session token).
+_BOTOCORE_REQUEST_LOGGERS: Final = ("botocore.auth", "botocore.endpoint", "botocore.awsrequest", "botocore.httpsession")
+
+
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """``text`` with session tokens and the secret values of the AWS environment replaced by ``***``."""
+    text = _TOKEN_RE.sub(r"\1***", text)
+    for source in (env, os.environ):
+        if source is None:
+            continue
+        for name in _SECRET_ENV_NAMES:
+            value = source.get(name)
+            if value and len(value) >= 4:
+                text = text.replace(value, "***")
+    return text
+
+
+class _RedactCredentials(logging.Filter):
+    """Scrubs credentials from botocore's DEBUG records: botocore logs each request's canonical form
+    and headers, which include ``X-Amz-Security-Token`` (the secret access key itself is never sent)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's problem, not ours
+            return True
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def _install_log_redaction() -> None:
+    for name in _BOTOCORE_REQUEST_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _RedactCredentials) for f in target.filters):
+            target.addFilter(_RedactCredentials())
+
+
+_install_log_redaction()
+
+MiB: Final = 1024 * 1024
+
+#: The S3 lifecycle rule recommended for every bucket Tuneloop writes to (see the module docstring).
+ABORT_INCOMPLETE_MULTIPART_UPLOADS_RULE: Final[dict[str, Any]] = {
+    "ID": "tuneloop-abort-incomplete-multipart-uploads",
+    "Status": "Enabled",
+    "Filter": {"Prefix": ""},
+    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+}
+
+#: Object metadata key holding the hex SHA-256 of the object's content (``x-amz-meta-sha256``).
+SHA256_METADATA_KEY: Final = "sha256"
+
+#: Multipart threshold and part size for uploads and ranged downloads, and parallel requests per
+#: transfer. S3 allows 10,000 parts; s3transfer raises the part size by itself for larger files.
+DEFAULT_MULTIPART_THRESHOLD: Final = 64 * MiB
+DEFAULT_MULTIPART_CHUNKSIZE: Final = 32 * MiB
+DEFAULT_MAX_CONCURRENCY: Final = 8
+
+NO_CREDENTIALS_MESSAGE: Final = (
+    "no S3 credentials: set spec.storage.secretRef to a Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+    "or give the pod an IAM role"
+)
+
+_TMP_PREFIX: Final = ".tuneloop-tmp-"
+_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_HEX_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+_S3_KEY_MAX_BYTES: Final = 1024
+_NAME_MAX_BYTES: Final = 255
+# Characters that re-order how a name is displayed; a name using them can pass for another one.
+_BIDI_CONTROLS: Final = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_ChecksumMode = Literal["when_supported", "when_required"]
+_CHECKSUM_MODES: Final[dict[str, _ChecksumMode]] = {
+    "when-supported": "when_supported",
+    "when-required": "when_required",
+}
+
+
+# --- errors and results -----------------------------------------------------------------
+
+
+class StorageError(Exception):
+    """A storage operation failed. The message names the URI and what to do about it.
+
+    ``uri`` is the URI concerned (when there is one) and ``code`` the S3 error code (``NoSuchKey``,
+    ``AccessDenied``…) or another short reason (``integrity``, ``connection``).
+    """
+
+    def __init__(self, message: str, *, uri: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+        self.code = code
+
+
+class NotFoundError(StorageError):
+    """The object, prefix or bucket does not exist."""
+
+
+class UnsafeKeyError(StorageError, ValueError):
+    """A key or name could escape the prefix or directory it is meant to stay under."""
+
+
+class InvalidUriError(StorageError, ValueError):
+    """The string is not a URI this module can handle."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object (or file) found by :meth:`Storage.list`."""
+
+    uri: str
+    """The object's full URI; pass it to the other methods as is."""
+    key: str
+    """'/'-separated name relative to the listed prefix (a single object's key is its name)."""
+    size: int
+    etag: str | None
+    """S3 ETag without quotes; ``None`` for files."""
+    last_modified: datetime | None
+    """Timezone-aware (UTC)."""
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def sha256_file(path: Path | str) -> str:
+    """The hex SHA-256 of a file's content, read in chunks."""
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` → ``("bucket", "some/key")``; the key may be empty (bucket root).
+
+    The key is taken literally (no percent-decoding). Raises :class:`InvalidUriError`.
+    """
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise InvalidUriError(
+            f"{_show(uri)} is not an s3:// URI; write it as s3://<bucket>/<key>", uri=_str_or_none(uri)
+        )
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise InvalidUriError(f"{uri!r} has an empty bucket name; write s3://<bucket>/<key>", uri=uri)
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise InvalidUriError(
+            f"{bucket!r} in {uri!r} is not a valid S3 bucket name "
+            "(3-63 characters: lowercase letters, digits, '.', '-')",
+            uri=uri,
+        )
+    return bucket, key
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _show(value: object, limit: int = 200) -> str:
+    """A bounded repr for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _key_problem(key: str) -> str | None:
+    """Why ``key`` (one decoding of it) is not a safe relative key, or ``None``."""
+    if key.startswith("/"):
+        return "it is absolute (starts with '/')"
+    if "\\" in key:
+        return "it contains a backslash"
+    for ch in key:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs", "Zl", "Zp") or ch in _BIDI_CONTROLS:
+            return f"it contains the control or invisible character U+{ord(ch):04X}"
+    for segment in key.split("/"):
+        if segment == "":
+            return "it has an empty segment ('//', or a leading or trailing '/')"
+        if segment in (".", ".."):
+            return f"it has a {segment!r} segment"
+    return None
+
+
+def _check_relative_key(key: object, *, context: str) -> str:
+    """Return ``key`` if it is a safe '/'-separated relative key, else raise :class:`UnsafeKeyError`.
+
+    The key and each percent-decoding of it (so ``%2e%2e`` and ``%252e%252e`` count as ``..``)
+    must be non-empty, relative, free of backslashes and control characters, and made of segments
+    that are neither empty nor '.' nor '..'. Anything else (including Unicode look-alikes of '.' or
+    '/') is kept literally: S3 and POSIX filesystems give such characters no special meaning.
+    """
+    if not isinstance(key, str):
+        raise UnsafeKeyError(f"{context}: a key must be a str, got {type(key).__name__}")
+    if not key:
+        raise UnsafeKeyError(f"{context}: the key is empty; name an object under the prefix")
+    variants = [key]
+    decoded = key
+    for _ in range(4):  # '%' survives decoding only through double encoding; a few rounds are plenty
+        if "%" not in decoded:
+            break
+        once = unquote(decoded, errors="replace")
+        if once == decoded:
+            break
+        variants.append(once)
+        decoded = once
+    for variant in variants:
+        problem = _key_problem(variant)
+        if problem:
+            encoded = " once percent-decoded" if variant is not key else ""
+            raise UnsafeKeyError(f"{context}: refusing key {_show(key)}: {problem}{encoded}; use a plain relative name")
+    return key
+
+
+def safe_join(base_uri: str, relative_key: str) -> str:
+    """The URI of ``relative_key`` strictly under ``base_uri`` (an ``s3://`` or ``file://`` prefix).
+
+    ``base_uri`` is treated as a directory whether or not it ends with '/'. ``relative_key`` is
+    checked as described in :func:`_check_relative_key` (a crafted name can never point outside
+    the prefix) and appended literally. Raises :class:`UnsafeKeyError` (a ``ValueError``).
+    """
+    context = f"joining onto {_show(base_uri)}"
+    key = _check_relative_key(relative_key, context=context)
+    if not isinstance(base_uri, str):
+        raise InvalidUriError(f"base URI must be a str, got {type(base_uri).__name__}")
+    if base_uri.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(base_uri)
+        prefix = prefix.rstrip("/")
+        if prefix and any(seg in (".", "..") for seg in prefix.split("/")):
+            raise InvalidUriError(
+                f"base URI {base_uri!r} has a '.' or '..' segment; write the full prefix", uri=base_uri
+            )
+        full_key = f"{prefix}/{key}" if prefix else key
+        if len(full_key.encode("utf-8")) > _S3_KEY_MAX_BYTES:
+            raise UnsafeKeyError(f"{context}: the object key would exceed S3's {_S3_KEY_MAX_BYTES}-byte limit")
+        return f"s3://{bucket}/{full_key}"
+    if base_uri.startswith("file://"):
+        base_path = _file_path(base_uri)
+        if any(len(seg.encode("utf-8")) > _NAME_MAX_BYTES for seg in key.split("/")):
+            raise UnsafeKeyError(f"{context}: a path segment of {_show(key)} exceeds {_NAME_MAX_BYTES} bytes")
+        base = base_path.as_posix().rstrip("/")
+        return f"file://{base}/{key}"
+    raise InvalidUriError(f"{_show(base_uri)} is not an s3:// or file:// URI", uri=base_uri)
+
+
+def _file_path(uri: str) -> Path:
+    """``file:///abs/path`` → ``Path("/abs/path")`` (literal; no percent-decoding)."""
+    if not isinstance(uri, str) or not uri.startswith("file:///"):
+        raise InvalidUriError(
+            f"{_show(uri)} is not a file:// URI with an absolute path; write file:///path/to/data (three slashes)",
+            uri=_str_or_none(uri),
+        )
+    raw = uri[len("file://") :]
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in raw):
+        raise InvalidUriError(f"{_show(uri)} contains control characters", uri=uri)
+    if any(seg in (".", "..") for seg in raw.split("/")):
+        raise InvalidUriError(f"{uri!r} contains a '.' or '..' segment; write the full path", uri=uri)
+    return Path(raw)
+
+
+def _file_uri(path: Path) -> str:
+    return f"file://{path.as_posix()}"
+
+
+def _normalize_sha256(value: str, *, what: str) -> str:
+    text = value.strip().lower()
+    if not _HEX_SHA256_RE.match(text):
+        raise ValueError(f"{what} must be 64 hexadecimal characters, got {_show(value)}")
+    return text
+
+
+@dataclass(frozen=True)
+class _Verification:
+    """What a downloaded copy must match: its size, and SHA-256 digests from named sources."""
+
+    size: int
+    sha256: tuple[tuple[str, str], ...]  # (source, hex digest)
+    etag: str | None = None
+
+
+def _verify(tmp: Path, check: _Verification, *, uri: str, digest: str | None = None) -> None:
+    """Raise :class:`StorageError` if the file at ``tmp`` does not match ``check``."""
+    actual_size = tmp.stat().st_size
+    if actual_size != check.size:
+        raise StorageError(
+            f"integrity check failed for {uri}: downloaded {actual_size} bytes, the object has {check.size}; "
+            "the object changed during the download or the transfer was cut short; retry "
+            "(the destination was left as it was)",
+            uri=uri,
+            code="integrity",
+        )
+    if not check.sha256:
+        return
+    actual = digest or sha256_file(tmp)
+    for source, expected in check.sha256:
+        if actual != expected:
+            raise StorageError(
+                f"integrity check failed for {uri}: its SHA-256 is {actual}, but {source} says {expected}; "
+                "the object is corrupt or was replaced; re-upload it or fix the expected checksum "
+                "(the destination was left as it was)",
+                uri=uri,
+                code="integrity",
+            )
+
+
+def _tmp_beside(dest: Path) -> Path:
+    """A new, empty temporary file in ``dest``'s directory (created, so the name is ours)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f"{_TMP_PREFIX}{dest.name[:100]}.")
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened or synced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename a finished temporary file onto ``dest`` with ordinary permissions."""
+    tmp.chmod(0o644)
+    tmp.replace(dest)
+    _fsync_dir(dest.parent)
+
+
+def _plan_local_paths(infos: Sequence[ObjectInfo], dest_dir: Path, *, uri: str) -> list[tuple[ObjectInfo, Path]]:
+    """Where each listed object goes under ``dest_dir``; refuses (before any download) keys that escape."""
+    root = dest_dir.resolve()
+    plan = []
+    for info in infos:
+        if info.key.endswith("/"):
+            continue  # a "folder" marker object, not a file
+        key = _check_relative_key(info.key, context=f"downloading {uri} into {dest_dir}")
+        target = dest_dir.joinpath(*key.split("/"))
+        if not target.resolve().is_relative_to(root):  # e.g. a symlink inside dest_dir
+            raise UnsafeKeyError(f"downloading {uri}: refusing key {_show(key)}: it resolves outside {dest_dir}")
+        plan.append((info, target))
+    return plan
+
+
+# --- the interface ----------------------------------------------------------------------
+
+
+class Storage(ABC):
+    """Read and write objects by URI. Get one with :meth:`for_uri`; reuse it (it holds a client)."""
+
+    scheme: str = ""
+
+    @staticmethod
+    def for_uri(uri: str, settings: StorageSettings | None = None, *, env: Mapping[str, str] | None = None) -> Storage:
+        """The storage for ``uri``'s scheme: :class:`S3Storage` for ``s3://``, :class:`FileStorage` for ``file://``.
+
+        ``settings`` is the job's ``spec.storage`` (only used for S3); ``env`` replaces
+        ``os.environ`` for the endpoint and region, and supplies the key pair when it holds one
+        (otherwise botocore's standard credential chain applies; see :class:`S3Storage`).
+        """
+        if isinstance(uri, str) and uri.startswith("s3://"):
+            parse_s3_uri(uri)
+            return S3Storage(settings, env=env)
+        if isinstance(uri, str) and uri.startswith("file://"):
+            _file_path(uri)
+            return FileStorage()
+        scheme = uri.split("://", 1)[0] + "://" if isinstance(uri, str) and "://" in uri else None
+        hint = f"{scheme} is not object storage; " if scheme else ""
+        raise InvalidUriError(
+            f"{_show(uri)}: {hint}storage URIs are s3://<bucket>/<key> or file:///<absolute path>",
+            uri=_str_or_none(uri),
+        )
+
+    @abstractmethod
+    def list(self, uri: str) -> list[ObjectInfo]:
+        """Objects under a prefix (recursively), or the single object ``uri`` names; sorted by key.
+
+        S3 "folder" markers (keys ending in '/', as consoles create) are not objects here, just as
+        directories are not files: they are left out.
+        """
+
+    @abstractmethod
+    def exists(self, uri: str) -> bool:
+        """Whether ``uri`` is an object, or a prefix with at least one object under it."""
+
+    @abstractmethod
+    def read_bytes(self, uri: str) -> bytes:
+        """The object's content; :class:`NotFoundError` when it is missing."""
+
+    @abstractmethod
+    def write_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        """Create or replace the object, atomically."""
+
+    def read_json(self, uri: str) -> Any:
+        """The object parsed as JSON."""
+        data = self.read_bytes(uri)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{uri} is not valid JSON ({exc}); rewrite or remove the object", uri=uri) from None
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        """Write ``obj`` as indented UTF-8 JSON, atomically.
+
+        Like :func:`json.dumps`, NaN and infinities are written as ``NaN``/``Infinity`` (a diverged
+        loss must not crash a heartbeat); Python's :func:`json.loads` reads them back.
+        """
+        data = json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+        self.write_bytes(uri, data, content_type="application/json")
+
+    @abstractmethod
+    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None) -> None:
+        """Copy a local file to ``uri`` (multipart and parallel for large files on S3).
+
+        ``sha256`` is the file's hex SHA-256 when the caller already computed it (a checkpoint
+        manifest does); otherwise it is computed. It is stored with the object for later checks.
+        """
+
+    @abstractmethod
+    def download_file(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> None:
+        """Copy the object to ``dest`` atomically, after checking its size and SHA-256.
+
+        The SHA-256 is checked against ``expected_sha256`` and whatever the object itself records.
+        On a mismatch: :class:`StorageError`, and ``dest`` is left as it was.
+        """
+
+    def upload_dir(self, directory: Path, uri: str) -> builtins.list[str]:
+        """Upload every file under ``directory`` to ``uri``/<relative path>; returns the URIs, sorted.
+
+        Names are joined with :func:`safe_join`: a file whose name is not a safe key (a backslash,
+        a control character…) is refused before anything is uploaded. Symlinks to files are
+        followed; symlinked directories are not entered; empty directories vanish.
+        """
+        root = Path(directory)
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a directory")
+        items = [(path, safe_join(uri, key)) for path, key in _local_files(root)]
+        self._upload_many(items)
+        return sorted(target for _, target in items)
+
+    def download_prefix(self, uri: str, dest_dir: Path) -> builtins.list[Path]:
+        """Mirror every object under ``uri`` into ``dest_dir``; returns the files written, sorted.
+
+        Each file is verified and written atomically. Object keys that would land outside
+        ``dest_dir`` ('..', absolute, backslashes…) are refused with :class:`UnsafeKeyError`
+        before anything is downloaded. Keys ending in '/' (folder markers) are skipped.
+        """
+        dest = Path(dest_dir)
+        plan = _plan_local_paths(self.list(uri), dest, uri=uri)
+        self._download_many([(info.uri, path, None) for info, path in plan])
+        return sorted(path for _, path in plan)
+
+    @abstractmethod
+    def delete(self, uri: str) -> None:
+        """Delete one object; deleting a missing object is not an error."""
+
+    @abstractmethod
+    def delete_prefix(self, uri: str) -> int:
+        """Delete what :meth:`list` returns for ``uri`` (and S3 folder markers under it); returns how
+        many objects were deleted. Refuses a whole bucket or the filesystem root."""
+
+    # Batch primitives behind upload_dir/download_prefix; implementations may parallelise them.
+    def _upload_many(self, items: Sequence[tuple[Path, str]]) -> None:
+        for path, target in items:
+            self.upload_file(path, target)
+
+    def _download_many(self, items: Sequence[tuple[str, Path, str | None]]) -> None:
+        for source, dest, expected in items:
+            self.download_file(source, dest, expected_sha256=expected)
+
+
+def _local_files(root: Path) -> Iterator[tuple[Path, str]]:
+    """(path, '/'-separated relative key) for every file under ``root``, in sorted order."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(filenames):
+            path = base / name
+            if path.is_file():
+                yield path, PurePosixPath(*path.relative_to(root).parts).as_posix()
+
+
+# --- S3 ---------------------------------------------------------------------------------
+
+
+class _PinObject(BaseSubscriber):
+    """Tell s3transfer the size and ETag we already know, so it skips its own HEAD and every
+    ranged GET carries ``If-Match`` with the ETag we verified against."""
+
+    def __init__(self, size: int, etag: str | None) -> None:
+        self._size = size
+        self._etag = etag
+
+    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self._size)
+        if self._etag is not None:
+            future.meta.provide_object_etag(self._etag)
+
+
+def _display_endpoint(endpoint: str | None) -> str:
+    """The endpoint for messages: scheme, host and port only (never userinfo or a query)."""
+    if not endpoint:
+        return "the AWS S3 endpoint"
+    parts = urlsplit(endpoint)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _check_endpoint(endpoint: str, *, source: str) -> str:
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageError(f"{source} must be an http:// or https:// URL, e.g. https://minio.example:9000")
+    if "@" in parts.netloc:
+        # Never echo the value: it holds a credential.
+        raise StorageError(
+            f"{source} must not contain credentials (user:password@host); "
+            "put them in the Secret named by spec.storage.secretRef"
+        )
+    return endpoint
+
+
+class S3Storage(Storage):
+    """Storage on AWS S3 or an S3-compatible store (MinIO, Ceph, …), through boto3.
+
+    Where things come from:
+
+    * **endpoint**: ``settings.endpoint``, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``,
+      else AWS. (boto's own endpoint lookup is switched off so that ``env`` is authoritative.)
+    * **region**: ``settings.region``, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+    * **credentials**: never from ``settings``. When ``env`` is given and holds ``AWS_ACCESS_KEY_ID``
+      and ``AWS_SECRET_ACCESS_KEY`` (and optionally ``AWS_SESSION_TOKEN``), those; otherwise
+      botocore's standard chain: environment variables, ``AWS_PROFILE``/config files, web identity
+      (IRSA, EKS Pod Identity), container and instance metadata.
+
+    ``env`` defaults to ``os.environ``. The client retries in botocore's ``standard`` mode
+    (``retries={"mode": "standard", "max_attempts": max_attempts}``; botocore counts these as
+    retries after the first try, so the default 10 allows 11 requests), sends flexible checksums
+    per ``settings.checksums``, and identifies itself as ``tuneloop/<version>``.
+    ``transfer_config`` overrides the multipart threshold, part size and concurrency (tests set
+    small ones).
+    """
+
+    scheme = "s3"
+
+    def __init__(
+        self,
+        settings: StorageSettings | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        transfer_config: TransferConfig | None = None,
+        max_attempts: int = 10,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.settings = settings or StorageSettings()
+        self.max_attempts = max_attempts
+        self._env: Mapping[str, str] = os.environ if env is None else env
+        self._explicit_env = env is not None
+        self.endpoint_url = self._resolve_endpoint()
+        self.region = (
+            self.settings.region or self._env.get("AWS_REGION") or self._env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        )
+        self.transfer_config = transfer_config or TransferConfig(
+            multipart_threshold=DEFAULT_MULTIPART_THRESHOLD,
+            multipart_chunksize=DEFAULT_MULTIPART_CHUNKSIZE,
+            max_concurrency=DEFAULT_MAX_CONCURRENCY,
+            use_threads=True,
+            preferred_transfer_client="classic",
+        )
+        concurrency = int(getattr(self.transfer_config, "max_request_concurrency", DEFAULT_MAX_CONCURRENCY))
+        checksums = _CHECKSUM_MODES[self.settings.checksums]
+        self.client_config = Config(
+            region_name=self.region,
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            s3={"addressing_style": self.settings.addressing_style},
+            request_checksum_calculation=checksums,
+            response_checksum_validation=checksums,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            tcp_keepalive=True,
+            max_pool_connections=max(10, 2 * concurrency),
+            user_agent_extra=f"tuneloop/{__version__}",
+            # The endpoint is resolved above, from `env`; boto must not pick another from os.environ
+            # or ~/.aws/config. (Supported since botocore 1.31; botocore-stubs 1.43 lacks it.)
+            ignore_configured_endpoint_urls=True,  # type: ignore[call-arg]
+        )
+        try:
+            session = self._session()
+            self.client: S3Client = session.client("s3", endpoint_url=self.endpoint_url, config=self.client_config)
+        except (BotoCoreError, ValueError) as exc:
+            raise StorageError(f"cannot set up the S3 client: {type(exc).__name__}: {self._redact(str(exc))}") from None
+
+    # -- setup --
+
+    def _resolve_endpoint(self) -> str | None:
+        if self.settings.endpoint:
+            return _check_endpoint(self.settings.endpoint, source="spec.storage.endpoint")
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            value = self._env.get(name)
+            if value:
+                return _check_endpoint(value, source=name)
+        return None
+
+    def _session(self) -> boto3.session.Session:
+        key_id = self._env.get("AWS_ACCESS_KEY_ID") if self._explicit_env else None
+        secret = self._env.get("AWS_SECRET_ACCESS_KEY") if self._explicit_env else None
+        if key_id and secret:
+            return boto3.session.Session(
+                aws_access_key_id=key_id,
+                aws_secret_access_key=secret,
+                aws_session_token=self._env.get("AWS_SESSION_TOKEN") or None,
+                region_name=self.region,
+            )
+        profile = self._env.get("AWS_PROFILE") if self._explicit_env else None
+        return boto3.session.Session(profile_name=profile or None, region_name=self.region)
+
+    @property
+    def checksums_enabled(self) -> bool:
+        """Whether uploads ask S3 for SHA-256 checksums (``spec.storage.checksums: when-supported``)."""
+        return self.settings.checksums == "when-supported"
+
+    # -- errors --
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._env)
+
+    def _error(self, exc: BaseException, uri: str, action: str) -> StorageError:
+        """Translate a botocore/s3transfer exception into a :class:`StorageError` with advice."""
+        while isinstance(exc, TransferRetriesExceededError) and exc.last_exception is not None:
+            exc = exc.last_exception
+        where = f"({action} {uri})"
+        endpoint = _display_endpoint(self.endpoint_url)
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)):
+            return StorageError(f"{NO_CREDENTIALS_MESSAGE} {where}", uri=uri, code="NoCredentials")
+        if isinstance(exc, ProfileNotFound):
+            return StorageError(
+                f"the AWS profile named by AWS_PROFILE does not exist {where}", uri=uri, code="ProfileNotFound"
+            )
+        if isinstance(exc, ClientError):
+            return self._client_error(exc, uri, action)
+        if isinstance(exc, (HTTPClientError, BotoConnectionError)):
+            return StorageError(
+                f"cannot reach {endpoint} {where}: {type(exc).__name__}; check spec.storage.endpoint, "
+                "spec.storage.region and the network path (NetworkPolicy, proxy, DNS)",
+                uri=uri,
+                code="connection",
+            )
+        if isinstance(exc, FlexibleChecksumError):
+            return StorageError(
+                f"the checksum of the data received for {uri} does not match the one S3 sent; "
+                "the data was corrupted in transit or at rest; retry, and re-upload the object if it persists",
+                uri=uri,
+                code="integrity",
+            )
+        if isinstance(exc, ParamValidationError):
+            return StorageError(f"invalid S3 request {where}: {self._redact(str(exc))}", uri=uri, code="invalid")
+        return StorageError(
+            f"S3 {action} of {uri} failed: {type(exc).__name__}: {self._redact(str(exc))[:300]}", uri=uri, code="error"
+        )
+
+    def _no_such_bucket(self, bucket: str, uri: str, action: str) -> NotFoundError:
+        return NotFoundError(
+            f"bucket {bucket} does not exist ({action} {uri}); check the bucket name in the URI, "
+            f"and spec.storage.endpoint ({_display_endpoint(self.endpoint_url)}) and spec.storage.region",
+            uri=uri,
+            code="NoSuchBucket",
+        )
+
+    def _client_error(self, exc: ClientError, uri: str, action: str) -> StorageError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "")) or "Unknown"
+        message = self._redact(str(error.get("Message", "")))[:300]
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        bucket = str(error.get("BucketName", "")) or (parse_s3_uri(uri)[0] if uri.startswith("s3://") else "?")
+        where = f"({action} {uri})"
+        if code == "NoSuchBucket":
+            return self._no_such_bucket(bucket, uri, action)
+        if code in ("NoSuchKey", "NotFound", "404", "NoSuchUpload"):
+            return NotFoundError(f"{uri} does not exist", uri=uri, code="NoSuchKey")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"):
+            return StorageError(
+                f"access denied to {uri} ({action}); check the Secret named by spec.storage.secretRef / the pod's IAM "
+                "role: it needs s3:GetObject, s3:PutObject, s3:DeleteObject on the objects and s3:ListBucket on the "
+                "bucket (without s3:ListBucket a missing object also reads as access denied)",
+                uri=uri,
+                code="AccessDenied",
+            )
+        if code == "InvalidAccessKeyId":
+            return StorageError(
+                f"the S3 endpoint does not know the access key ID in use {where}; check AWS_ACCESS_KEY_ID in the "
+                "Secret named by spec.storage.secretRef, and that spec.storage.endpoint is the store the key "
+                "belongs to",
+                uri=uri,
+                code=code,
+            )
+        if code == "SignatureDoesNotMatch":
+            return StorageError(
+                f"the S3 endpoint rejected the request signature {where}; check AWS_SECRET_ACCESS_KEY in the Secret "
+                "named by spec.storage.secretRef (and spec.storage.addressingStyle for S3-compatible stores)",
+                uri=uri,
+                code=code,
+            )
+        if code in ("ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken"):
+            return StorageError(
+                f"the S3 session token is expired or invalid {where}; refresh AWS_SESSION_TOKEN in the Secret named "
+                "by spec.storage.secretRef, or use the pod's IAM role, which renews itself",
+                uri=uri,
+                code=code,
+            )
+        if code == "RequestTimeTooSkewed":
+            return StorageError(f"the node's clock is too far off for S3 {where}; fix time sync", uri=uri, code=code)
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "301"):
+            return StorageError(
+                f"bucket {bucket} is not in region {self.region} {where}; "
+                "set spec.storage.region to the bucket's region",
+                uri=uri,
+                code=code,
+            )
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
+            return StorageError(
+                f"the data sent for {uri} was corrupted in transit (checksum mismatch, {code}); retry",
+                uri=uri,
+                code=code,
+            )
+        if code in ("PreconditionFailed", "412"):
+            return StorageError(f"{uri} changed during the transfer; retry", uri=uri, code=code)
+        if code in ("SlowDown", "503", "ServiceUnavailable", "RequestLimitExceeded"):
+            return StorageError(
+                f"{_display_endpoint(self.endpoint_url)} is throttling or unavailable ({code}) {where} after "
+                f"{self.max_attempts} retries; "
+                "retry later",
+                uri=uri,
+                code=code,
+            )
+        if "checksum" in message.lower() or (code in ("NotImplemented", "InvalidArgument") and "x-amz-" in message):
+            return StorageError(
+                f"the store rejected the request's checksum headers {where}: {code}: {message}; "
+                "for S3-compatible stores that do not support flexible checksums set spec.storage.checksums: "
+                "when-required",
+                uri=uri,
+                code=code,
+            )
+        request_id = exc.response.get("ResponseMetadata", {}).get("RequestId")
+        suffix = f" [request id {request_id}]" if request_id else ""
+        return StorageError(
+            f"S3 {action} of {uri} failed: {code} (HTTP {status}): {message}{suffix}", uri=uri, code=code
+        )
+
+    @contextlib.contextmanager
+    def _translating(self, uri: str, action: str) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except (BotoCoreError, ClientError, TransferRetriesExceededError) as exc:
+            error = self._error(exc, uri, action)
+            logger.debug("%s", error)
+            raise error from None
+
+    def _location(self, uri: str) -> tuple[str, str]:
+        if isinstance(uri, str) and uri.startswith("file://"):
+            raise InvalidUriError(f"{uri!r} is a file:// URI; use Storage.for_uri to get a FileStorage", uri=uri)
+        return parse_s3_uri(uri)
+
+    def _object_location(self, uri: str) -> tuple[str, str]:
+        bucket, key = self._location(uri)
+        if not key or key.endswith("/"):
+            raise InvalidUriError(f"{uri!r} names a prefix, not an object; add the object's name", uri=uri)
+        return bucket, key
+
+    def _upload_args(self, sha256: str, content_type: str | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"Metadata": {SHA256_METADATA_KEY: sha256}}
+        if self.checksums_enabled:
+            args["ChecksumAlgorithm"] = "SHA256"
+        if content_type:
+            args["ContentType"] = content_type
+        return args
+
+    def _transfer_manager(self) -> TransferManager:
+        return create_transfer_manager(self.client, self.transfer_config)
+
+    # -- listing --
+
+    def _info(self, bucket: str, obj: ObjectTypeDef, relative: str) -> ObjectInfo:
+        return ObjectInfo(
+            uri=f"s3://{bucket}/{obj['Key']}",
+            key=relative,
+            size=int(obj.get("Size", 0)),
+            etag=obj.get("ETag", "").strip('"') or None,
+            last_modified=obj.get("LastModified"),
+        )
+
+    def _list_prefix(self, bucket: str, prefix: str) -> Iterator[ObjectTypeDef]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+
+    def _exact_object(self, bucket: str, key: str) -> ObjectTypeDef | None:
+        """The listing entry of exactly ``key`` (it sorts first among keys starting with it)."""
+        page = self.client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        contents = page.get("Contents", [])
+        return contents[0] if contents and contents[0]["Key"] == key else None
+
+    def list(self, uri: str) -> list[ObjectInfo]:
+        bucket, key = self._location(uri)
+        with self._translating(uri, "listing"):
+            infos = self._list_all(bucket, key)
+        return [info for info in infos if not info.key.endswith("/") and info.key]
+
+    def _list_all(self, bucket: str, key: str) -> builtins.list[ObjectInfo]:
+        """What :meth:`list` returns, folder markers included."""
+        if key and not key.endswith("/"):
+            exact = self._exact_object(bucket, key)
+            if exact is not None:
+                return [self._info(bucket, exact, key.rsplit("/", 1)[-1])]
+            key += "/"
+        infos = [self._info(bucket, obj, obj["Key"][len(key) :]) for obj in self._list_prefix(bucket, key)]
+        return sorted(infos, key=lambda info: info.key)
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = self._location(uri)
+        with self._translating(uri, "checking"):
+            if key and not key.endswith("/"):
+                try:
+                    self.client.head_object(Bucket=bucket, Key=key)
+                    return True
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                        raise
+                key += "/"
+            page = self.client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+            return bool(page.get("Contents"))
+
+    # -- small objects --
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = self._object_location(uri)
+        with self._translating(uri, "reading"):
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            data = response["Body"].read()
+        recorded = response.get("Metadata", {}).get(SHA256_METADATA_KEY)
+        if recorded and _HEX_SHA256_RE.match(recorded) and hashlib.sha256(data).hexdigest() != recorded:
+            raise StorageError(
+                f"integrity check failed for {uri}: its content does not match the SHA-256 in its metadata; "
+                "the object is corrupt or was replaced by a tool that kept the old metadata; rewrite it",
+                uri=uri,
+                code="integrity",
+            )
+        return data
+
+    def write_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        bucket, key = self._object_location(uri)
+        args = self._upload_args(hashlib.sha256(data).hexdigest(), content_type)
+        with self._translating(uri, "writing"):
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **args)
+        logger.debug("wrote %s (%d bytes)", uri, len(data))
+
+    # -- files --
+
+    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None) -> None:
+        self._upload_many([(Path(path), uri)], {uri: sha256} if sha256 else None)
+
+    def _upload_many(self, items: Sequence[tuple[Path, str]], known: Mapping[str, str] | None = None) -> None:
+        targets = [(path, uri, *self._object_location(uri)) for path, uri in items]
+        for path, _, _, _ in targets:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is not a file")
+        if not targets:
+            return
+        current = targets[0][1]
+        with self._translating_many(lambda: current, "uploading"), self._transfer_manager() as manager:
+            futures = []
+            for path, uri, bucket, key in targets:
+                current = uri
+                given = (known or {}).get(uri)
+                digest = _normalize_sha256(given, what="sha256") if given else sha256_file(path)
+                futures.append((uri, manager.upload(str(path), bucket, key, extra_args=self._upload_args(digest))))
+            for uri, future in futures:
+                current = uri
+                future.result()
+                logger.debug("uploaded %s", uri)
+
+    @contextlib.contextmanager
+    def _translating_many(self, current: Callable[[], str], action: str) -> Iterator[None]:
+        """Like :meth:`_translating`, naming whichever URI ``current()`` returns when it fails."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except (BotoCoreError, ClientError, TransferRetriesExceededError) as exc:
+            error = self._error(exc, current(), action)
+            logger.debug("%s", error)
+            raise error from None
+
+    def _head(self, uri: str) -> HeadObjectOutputTypeDef:
+        bucket, key = self._object_location(uri)
+        with self._translating(uri, "reading"):
+            try:
+                if self.checksums_enabled:
+                    return self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+                return self.client.head_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    self._check_bucket(bucket, uri)
+                raise
+
+    def _check_bucket(self, bucket: str, uri: str) -> None:
+        """A HEAD answers a bare 404 for a missing bucket and a missing key alike; tell them apart."""
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                raise self._no_such_bucket(bucket, uri, "reading") from None
+            # Anything else (no s3:ListBucket, …): report the object as missing, as asked.
+
+    @staticmethod
+    def _verification(head: HeadObjectOutputTypeDef, expected_sha256: str | None) -> _Verification:
+        digests: builtins.list[tuple[str, str]] = []
+        if expected_sha256:
+            digests.append(("the expected SHA-256", _normalize_sha256(expected_sha256, what="expected_sha256")))
+        recorded = head.get("Metadata", {}).get(SHA256_METADATA_KEY, "").lower()
+        if _HEX_SHA256_RE.match(recorded):
+            digests.append(("the object's sha256 metadata", recorded))
+        native = head.get("ChecksumSHA256")
+        # Only a full-object checksum is a SHA-256 of the content; a multipart upload's is a
+        # checksum of part checksums ("COMPOSITE"; some stores omit the type and the "-N" suffix,
+        # so without a type only objects with a single-part ETag are trusted).
+        checksum_type = head.get("ChecksumType")
+        etag = head.get("ETag", "")
+        full_object = checksum_type == "FULL_OBJECT" or (checksum_type is None and "-" not in etag)
+        if native and full_object and "-" not in native:
+            with contextlib.suppress(binascii.Error, ValueError):
+                digests.append(("S3's SHA-256 checksum", base64.b64decode(native, validate=True).hex()))
+        return _Verification(size=int(head.get("ContentLength", 0)), sha256=tuple(digests), etag=etag or None)
+
+    def download_file(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> None:
+        self._download_many([(uri, Path(dest), expected_sha256)])
+
+    def _download_many(self, items: Sequence[tuple[str, Path, str | None]]) -> None:
+        if not items:
+            return
+        for uri, _, expected in items:
+            self._object_location(uri)
+            if expected:
+                _normalize_sha256(expected, what="expected_sha256")
+        workers = min(16, len(items))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            checks = list(pool.map(lambda item: self._verification(self._head(item[0]), item[2]), items))
+        temps: builtins.list[Path] = []
+        try:
+            current = items[0][0]
+            with self._translating_many(lambda: current, "downloading"), self._transfer_manager() as manager:
+                futures = []
+                for (uri, dest, _), check in zip(items, checks, strict=True):
+                    bucket, key = self._object_location(uri)
+                    tmp = _tmp_beside(dest)
+                    temps.append(tmp)
+                    pin = _PinObject(check.size, check.etag)
+                    futures.append((uri, manager.download(bucket, key, str(tmp), subscribers=[pin])))
+                for uri, future in futures:
+                    current = uri
+                    future.result()
+            digests = self._digests(temps, checks, workers)
+            for (uri, _, _), tmp, check, digest in zip(items, temps, checks, digests, strict=True):
+                _verify(tmp, check, uri=uri, digest=digest)
+            for (uri, dest, _), tmp in zip(items, temps, strict=True):
+                _publish(tmp, dest)
+                logger.debug("downloaded %s to %s", uri, dest)
+            temps.clear()
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _digests(temps: Sequence[Path], checks: Sequence[_Verification], workers: int) -> builtins.list[str | None]:
+        def digest(pair: tuple[Path, _Verification]) -> str | None:
+            tmp, check = pair
+            return sha256_file(tmp) if check.sha256 and tmp.stat().st_size == check.size else None
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(digest, zip(temps, checks, strict=True)))
+
+    # -- deleting --
+
+    def delete(self, uri: str) -> None:
+        bucket, key = self._object_location(uri)
+        with self._translating(uri, "deleting"):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
+    def delete_prefix(self, uri: str) -> int:
+        bucket, key = self._location(uri)
+        if not key.strip("/"):
+            raise StorageError(
+                f"refusing to delete everything in bucket {bucket} ({uri}); delete a prefix under it", uri=uri
+            )
+        with self._translating(uri, "listing"):
+            infos = self._list_all(bucket, key)
+        deleted = 0
+        with self._translating(uri, "deleting"):
+            for start in range(0, len(infos), 1000):
+                batch = infos[start : start + 1000]
+                keys = [parse_s3_uri(info.uri)[1] for info in batch]
+                response = self.client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+                )
+                errors = response.get("Errors", [])
+                if errors:
+                    first = errors[0]
+                    raise StorageError(
+                        f"could not delete {len(errors)} of {len(keys)} objects under {uri}, e.g. "
+                        f"s3://{bucket}/{first.get('Key', '?')}: {first.get('Code', '?')}; check the role's "
+                        "s3:DeleteObject permission",
+                        uri=uri,
+                        code=str(first.get("Code", "")) or None,
+                    )
+                deleted += len(keys)
+        logger.debug("deleted %d objects under %s", deleted, uri)
+        return deleted
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+class FileStorage(Storage):
+    """Storage on a filesystem, for ``file:///absolute/path`` URIs (laptops, mounted volumes, tests).
+
+    Same semantics as :class:`S3Storage`: writes and downloads are atomic (a temporary file in the
+    target directory, then a rename); ``download_file`` checks the size and, when given,
+    ``expected_sha256``. Files whose names start with ``.tuneloop-tmp-`` are in-flight writes
+    and never listed.
+    """
+
+    scheme = "file"
+
+    @staticmethod
+    def _fail(exc: OSError, uri: str, action: str) -> NoReturn:
+        if isinstance(exc, FileNotFoundError):
+            raise NotFoundError(f"{uri} does not exist", uri=uri, code="NoSuchKey") from None
+        if isinstance(exc, IsADirectoryError):
+            raise StorageError(f"{uri} is a directory, not a file ({action})", uri=uri, code="IsADirectory") from None
+        if isinstance(exc, PermissionError):
+            raise StorageError(
+                f"permission denied {action} {uri}; check the volume's ownership and the pod's securityContext",
+                uri=uri,
+                code="AccessDenied",
+            ) from None
+        raise StorageError(f"{action} {uri} failed: {exc.strerror or type(exc).__name__}", uri=uri) from None
+
+    @contextlib.contextmanager
+    def _translating(self, uri: str, action: str) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except OSError as exc:
+            self._fail(exc, uri, action)
+
+    @staticmethod
+    def _object_path(uri: str) -> Path:
+        if uri.endswith("/"):
+            raise InvalidUriError(f"{uri!r} names a directory, not a file; add the file's name", uri=uri)
+        return _file_path(uri)
+
+    def _walk(self, directory: Path) -> Iterator[tuple[Path, str]]:
+        for path, key in _local_files(directory):
+            if not path.name.startswith(_TMP_PREFIX):
+                yield path, key
+
+    @staticmethod
+    def _info(path: Path, key: str) -> ObjectInfo:
+        stat = path.stat()
+        return ObjectInfo(
+            uri=_file_uri(path),
+            key=key,
+            size=stat.st_size,
+            etag=None,
+            last_modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+        )
+
+    def list(self, uri: str) -> list[ObjectInfo]:
+        path = _file_path(uri)
+        with self._translating(uri, "listing"):
+            if path.is_file() and not uri.endswith("/"):
+                return [self._info(path, path.name)]
+            if path.is_dir():
+                return sorted((self._info(p, key) for p, key in self._walk(path)), key=lambda info: info.key)
+        return []
+
+    def exists(self, uri: str) -> bool:
+        path = _file_path(uri)
+        with self._translating(uri, "checking"):
+            if path.is_file() and not uri.endswith("/"):
+                return True
+            return path.is_dir() and next(iter(self._walk(path)), None) is not None
+
+    def read_bytes(self, uri: str) -> bytes:
+        path = self._object_path(uri)
+        with self._translating(uri, "reading"):
+            return path.read_bytes()
+
+    def write_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        path = self._object_path(uri)
+        with self._translating(uri, "writing"):
+            tmp = _tmp_beside(path)
+            try:
+                with tmp.open("wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _publish(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def _copy(self, src: Path, dest: Path, *, uri: str, check: _Verification | None) -> None:
+        """Copy ``src`` to ``dest`` through a temporary file, hashing on the way; verify; rename."""
+        tmp = _tmp_beside(dest)
+        try:
+            hasher = hashlib.sha256()
+            with src.open("rb") as fin, tmp.open("wb") as fout:
+                while chunk := fin.read(MiB):
+                    hasher.update(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            if check is not None:
+                _verify(tmp, check, uri=uri, digest=hasher.hexdigest())
+            _publish(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None) -> None:
+        src = Path(path)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} is not a file")
+        dest = self._object_path(uri)
+        digests = (("the given sha256", _normalize_sha256(sha256, what="sha256")),) if sha256 else ()
+        check = _Verification(size=src.stat().st_size, sha256=digests)
+        with self._translating(uri, "writing"):
+            self._copy(src, dest, uri=uri, check=check)
+
+    def download_file(self, uri: str, dest: Path, *, expected_sha256: str | None = None) -> None:
+        src = self._object_path(uri)
+        digests = (
+            (("the expected SHA-256", _normalize_sha256(expected_sha256, what="expected_sha256")),)
+            if expected_sha256
+            else ()
+        )
+        with self._translating(uri, "reading"):
+            if not src.is_file():
+                src.open("rb").close()  # raises the precise error: missing, a directory, permissions
+            check = _Verification(size=src.stat().st_size, sha256=digests)
+        self._copy(src, Path(dest), uri=uri, check=check)
+
+    def delete(self, uri: str) -> None:
+        path = self._object_path(uri)
+        with self._translating(uri, "deleting"):
+            if path.is_dir() and not path.is_symlink():
+                raise StorageError(f"{uri} is a directory; use delete_prefix", uri=uri, code="IsADirectory")
+            path.unlink(missing_ok=True)
+
+    def delete_prefix(self, uri: str) -> int:
+        path = _file_path(uri)
+        if path == Path(path.anchor):
+            raise StorageError(f"refusing to delete everything under {uri}; delete a directory under it", uri=uri)
+        infos = self.list(uri)
+        with self._translating(uri, "deleting"):
+            for info in infos:
+                _file_path(info.uri).unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                # Like S3, a prefix with no objects left does not exist: remove emptied directories.
+                for dirpath, _, _ in sorted(os.walk(path), key=lambda entry: len(entry[0]), reverse=True):
+                    with contextlib.suppress(OSError):
+                        Path(dirpath).rmdir()
+        return len(infos)
