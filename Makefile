@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: setup
 	$(VENV)/bin/tuneloop validate examples/*.yaml
+	$(VENV)/bin/python -m tuneloop_trainer example out/example
+	$(VENV)/bin/tuneloop run out/example/job.yaml --output out/example/output
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 """The ``tuneloop`` command line.
 
     tuneloop validate FILE...   check FineTuneJob manifests (exit 0 when all are valid)
+    tuneloop run JOB.yaml       fine-tune locally (the trainer, in a child process)
     tuneloop crd [--check]      regenerate (or check) crds/ and docs/api.md from the models
 
 Exit codes of ``validate``: 0 all valid, 1 some manifest is invalid, 2 a file could not
@@ -10,7 +11,9 @@ be read as YAML (missing, too large, malformed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
 import sys
 from typing import Any
 
@@ -84,6 +87,34 @@ def _print_problems(where: str, problems: list[Problem]) -> None:
             print(("  - " if i == 0 else "    ") + line, file=sys.stderr)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Validate here (fast, no torch import), then hand over to the trainer package."""
+    try:
+        documents = read_manifests(args.manifest)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    jobs = [d for d in documents if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
+        print(f"error: {args.manifest} must hold exactly one FineTuneJob (found {len(jobs)})", file=sys.stderr)
+        return EXIT_INVALID
+    _job, problems = validate_manifest(jobs[0].body)
+    if problems:
+        _print_problems(jobs[0].describe(), problems)
+        return EXIT_INVALID
+    if importlib.util.find_spec("tuneloop_trainer") is None or importlib.util.find_spec("torch") is None:
+        print("error: the trainer is not installed here; pip install 'tuneloop[trainer]'", file=sys.stderr)
+        return EXIT_UNREADABLE
+    command = [sys.executable, "-m", "tuneloop_trainer", "run", args.manifest]
+    if args.output:
+        command += ["--output", args.output]
+    if args.run is not None:
+        command += ["--run", str(args.run)]
+    # A child process rather than an import: the core never imports the torch stack, and
+    # the trainer runs exactly as it does in a pod.
+    return subprocess.call(command)  # noqa: S603 - our own interpreter and module
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from tuneloop import crd  # noqa: PLC0415  (only this command needs it)
 
@@ -110,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
     validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     validate.set_defaults(func=_cmd_validate)
+
+    run = sub.add_parser(
+        "run",
+        help="fine-tune locally from a manifest",
+        description="Run a FineTuneJob on this machine: validate, train, evaluate, write the model, model card "
+        "and report. Exit codes: 0 passed, 10 invalid config, 11 invalid data, 12 unsupported model, "
+        "13 gates not passed.",
+    )
+    run.add_argument("manifest", metavar="JOB.yaml", help="a YAML file with one FineTuneJob")
+    run.add_argument("--output", metavar="DIR", help="local output directory (default: spec.output.uri)")
+    run.add_argument("--run", type=int, help="run number (default: the next free one)")
+    run.set_defaults(func=_cmd_run)
 
     crd = sub.add_parser("crd", help="generate crds/ and docs/api.md from the API models")
     crd.add_argument("--root", default=".", help="repository root (default: .)")

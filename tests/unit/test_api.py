@@ -142,8 +142,14 @@ def test_unknown_top_level_spec_field_lists_the_known_ones() -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["s3://bucket/a/b.jsonl", "s3://my.bucket-1/", "file:///data/x.csv", "hf://org/name", "hf://org/name@v1.0",
-     "hf://gpt2"],
+    [
+        "s3://bucket/a/b.jsonl",
+        "s3://my.bucket-1/",
+        "file:///data/x.csv",
+        "hf://org/name",
+        "hf://org/name@v1.0",
+        "hf://gpt2",
+    ],
 )
 def test_good_uris(uri: str) -> None:
     assert check_uri(uri, ("s3", "hf", "file")) == uri

@@ -267,6 +267,24 @@ def _peft_task_type(task: str) -> Any:
     }[task]
 
 
+def _smoke_forward(model: nn.Module, task: str, method: str, family: Family) -> None:
+    """One tiny forward pass, for methods whose support depends on the model's forward
+    signature (prefix tuning feeds past key values, which e.g. BERT-style encoders in
+    transformers 5 do not take): fail at setup, with advice, not in the first step."""
+    ids = torch.tensor([[1, 2, 3]])
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "seq2seq":
+        kwargs["labels"] = ids
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UnsupportedModelError(
+            f"{method} does not work with this {family} model ({getattr(model.config, 'model_type', '?')}): "
+            f"{str(exc).splitlines()[0]}; use prompt-tuning or lora instead"
+        ) from None
+
+
 def apply_method(model: nn.Module, method: Method, task: str, family: Family, tokenizer_path: str) -> nn.Module:
     """Wrap the model for a parameter-efficient method (``full`` returns it unchanged)."""
     if method.type == "full":
@@ -311,4 +329,6 @@ def apply_method(model: nn.Module, method: Method, task: str, family: Family, to
             f"cannot apply {method.type} to this {family} model: {str(exc).splitlines()[0]}; set the target "
             "modules explicitly (method.lora.targetModules / method.ia3.targetModules)"
         ) from None
+    if method.type in ("prefix-tuning", "prompt-tuning"):
+        _smoke_forward(wrapped, task, method.type, family)
     return wrapped

@@ -1,0 +1,757 @@
+"""The fine-tuning recipe: one class, read top to bottom.
+
+``setup()`` validates the data and loads the model before any long work; ``train()`` is
+the loop; ``finish()`` restores the best checkpoint, runs the final evaluations (test,
+out-of-domain, forgetting, fairness), checks the gates and writes model, model card and
+report. The same code runs in a pod and under ``tuneloop run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from tuneloop.api import FineTuneJob
+from tuneloop.api.spec import GENERATION_METRICS, METRIC_OUTPUTS, metric_direction
+from tuneloop.contract import Layout
+from tuneloop_trainer.batching import (
+    collate_packed,
+    collate_padded,
+    eval_batches,
+    length_grouped_batches,
+    packed_batches,
+)
+from tuneloop_trainer.data import Example, PreparedData, prepare_data
+from tuneloop_trainer.evaluation import (
+    EarlyStopper,
+    FairnessResult,
+    ForgettingResult,
+    GateResult,
+    classification_metrics,
+    evaluate_gates,
+    fairness_check,
+    forgetting_check,
+    generation_metrics,
+    perplexity,
+)
+from tuneloop_trainer.features import IGNORE_INDEX, Feature, build_features
+from tuneloop_trainer.models import LoadedModel, load_model, load_tokenizer, mixed_precision, resolve_model
+from tuneloop_trainer.optim import GradualUnfreezer, describe_groups, parameter_groups
+from tuneloop_trainer.progress import Sinks, StepReport, Throughput
+from tuneloop_trainer.report import ModelCard, TrainingHistory, plot_curves, write_model_card
+from tuneloop_trainer.sources import Sources
+
+log = logging.getLogger(__name__)
+
+#: Generated metrics (ROUGE, BLEU) need one generate() call per example; during training
+#: validation they are computed on at most this many examples.
+MAX_GENERATION_EXAMPLES_DURING_TRAINING = 128
+MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class RunContext:
+    """Everything a run needs besides the spec."""
+
+    job: FineTuneJob
+    run: int
+    output_uri: str
+    """Base output location (``spec.output.uri``, or ``--output``)."""
+    work_dir: Path
+    """Local scratch space (checkpoints staged here, model written here before upload)."""
+    sinks: Sinks = field(default_factory=Sinks)
+    cache_dir: Path | None = None
+
+    @property
+    def spec(self) -> Any:
+        return self.job.spec
+
+    def run_uri(self, relative: str) -> str:
+        from tuneloop.storage import safe_join  # noqa: PLC0415
+
+        return safe_join(self.output_uri, relative)
+
+
+@dataclass
+class EvalOutput:
+    """One evaluation pass."""
+
+    metrics: dict[str, float]
+    per_example_loss: list[float] = field(default_factory=list)
+    per_example_units: list[int] = field(default_factory=list)
+    predictions: list[Any] = field(default_factory=list)
+    references: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """How a run ended (also the termination-message summary)."""
+
+    passed: bool
+    metrics: dict[str, float]
+    validation_metrics: dict[str, float]
+    gates: list[GateResult]
+    forgetting: ForgettingResult | None
+    fairness: FairnessResult | None
+    model_uri: str
+    card_uri: str
+    steps: int
+    best_step: int | None
+    data_fingerprint: str
+    stopped_early: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "result": "Succeeded" if self.passed else "GateFailed",
+            "metrics": {k: round(v, 6) for k, v in self.metrics.items() if math.isfinite(v)},
+            "modelUri": self.model_uri,
+            "gates": [{k: g.to_dict()[k] for k in ("metric", "passed", "value")} for g in self.gates],
+            "steps": self.steps,
+            "bestStep": self.best_step,
+            "dataFingerprint": self.data_fingerprint,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(False)
+
+
+class FineTuneRecipe:
+    """Fine-tune one run of a FineTuneJob."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.spec = ctx.job.spec
+        self.hp = self.spec.hyperparameters
+        self.sinks = ctx.sinks
+        self.sources = Sources(self.spec.storage, ctx.cache_dir or ctx.work_dir / "cache")
+        self.history = TrainingHistory()
+        self.step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_early = False
+        self.base_forgetting_perplexity: float | None = None
+        self.notes: list[str] = []
+
+    # --- setup ----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Data first (cheap, and most failures are there), then the model."""
+        seed_everything(self.hp.seed)
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision(self.hp.precision), cpu=not torch.cuda.is_available()
+        )
+        self.device = self.accelerator.device
+        self.sinks.phase("validating")
+        self.resolved = resolve_model(self.spec.model, self.sources.download_model, self.sources.cache_dir)
+        self._setup_tokenizer_and_data()
+        self._setup_model()
+        self._setup_features()
+        self._setup_optimizer()
+
+    def _setup_tokenizer_and_data(self) -> None:
+        from transformers import AutoConfig  # noqa: PLC0415
+
+        from tuneloop_trainer.models import check_fits_task  # noqa: PLC0415
+
+        config = AutoConfig.from_pretrained(self.resolved.location, revision=self.resolved.revision)
+        family = check_fits_task(config, self.spec.task, self.resolved.uri)
+        self.tokenizer = load_tokenizer(self.resolved, family)
+        columns = self.spec.columns()
+        tokenizer = self.tokenizer
+
+        def count_tokens(example: Example) -> int:
+            text = (
+                " ".join(m["content"] for m in example.fields["messages"])
+                if "messages" in example.fields
+                else " ".join(str(example.fields[r]) for r in columns if r != "label" and r in example.fields)
+            )
+            return len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+        check_length = self.spec.dataset.cleaning.max_tokens is not None
+        self.data: PreparedData = prepare_data(
+            self.spec, self.sources.fetch_data, count_tokens=count_tokens if check_length else None
+        )
+        for line in self.data.report.summary_lines():
+            self.sinks.message(f"   {line}")
+
+    def _setup_model(self) -> None:
+        self.loaded: LoadedModel = load_model(self.spec, self.resolved, label_names=self.data.label_names)
+        trainable, total = self.loaded.parameter_counts()
+        self.sinks.message(
+            f"   model {self.resolved.uri} ({self.loaded.family}, {self.loaded.config.model_type}): "
+            f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(1, total):.2f} %), "
+            f"method {self.spec.method.type}, precision {self.accelerator.mixed_precision}"
+        )
+
+    def _setup_features(self) -> None:
+        columns = self.spec.columns()
+        max_len = self.hp.max_seq_length
+        tok = self.tokenizer
+
+        def feats(examples: Sequence[Example]) -> list[Feature]:
+            return build_features(examples, self.spec.task, tok, max_len, columns)
+
+        self.train_features = feats(self.data.train)
+        self.validation_features = feats(self.data.validation)
+        self.test_features = feats(self.data.test)
+        self.ood_features = feats(self.data.out_of_domain)
+        self.forgetting_features = feats(self.data.forgetting)
+        if not self.train_features:
+            from tuneloop_trainer.errors import InvalidDataError  # noqa: PLC0415
+
+            raise InvalidDataError("no training examples after cleaning and splitting")
+        # Packing needs position ids to reach the attention; virtual-token methods prepend
+        # tokens and shift positions, so they train on padded batches instead.
+        self.packing = self.spec.packing() and self.spec.method.type not in ("prefix-tuning", "prompt-tuning")
+        if self.spec.packing() and not self.packing:
+            self.notes.append(f"packing is off: {self.spec.method.type} prepends virtual tokens")
+        self.batches_per_epoch = len(self._train_batches(0))
+        world = self.accelerator.num_processes
+        per_rank = math.ceil(self.batches_per_epoch / world)
+        self.steps_per_epoch = max(1, math.ceil(per_rank / self.hp.gradient_accumulation_steps))
+        self.total_steps = self.steps_per_epoch * self.hp.epochs
+        if self.hp.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.hp.max_steps)
+
+    def _setup_optimizer(self) -> None:
+        model = self.loaded.model
+        lr = self.spec.learning_rate()
+        groups = parameter_groups(model, lr, self.hp.weight_decay, self.spec.method.layerwise_lr_decay)
+        for line in describe_groups(groups):
+            log.info("param group %s", line)
+        self.param_groups_summary = describe_groups(groups)
+        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+        warmup = round(self.hp.warmup_ratio * self.total_steps)
+        scheduler = get_scheduler(
+            self.hp.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        # Built after the optimizer so every block's parameters are in a group before it freezes them.
+        self.unfreezer = (
+            GradualUnfreezer(model, self.spec.method.unfreezing, self.steps_per_epoch)
+            if self.spec.method.type == "full" and self.spec.method.unfreezing is not None
+            else None
+        )
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.class_weights = (
+            torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.device)
+            if self.data.class_weights
+            else None
+        )
+        es = self.spec.early_stopping
+        self.selection_metric = es.metric if es else "eval_loss"
+        mode = (es.mode if es and es.mode else None) or metric_direction(self.selection_metric)
+        self.stopper = EarlyStopper(
+            metric=self.selection_metric,
+            mode=mode,
+            patience=es.patience if es else 10**9,
+            min_delta=es.min_delta if es else 0.0,
+        )
+        if self.forgetting_features:
+            self.base_forgetting_perplexity = self._forgetting_perplexity(base=True)
+            self.sinks.message(
+                f"   base model perplexity on general-domain data: {self.base_forgetting_perplexity:.3f}"
+            )
+
+    # --- batching -------------------------------------------------------------------
+
+    def _train_batches(self, epoch: int) -> list[list[int]] | list[list[list[int]]]:
+        lengths = [f.length for f in self.train_features]
+        if self.packing:
+            return packed_batches(lengths, self.hp.max_seq_length, self.hp.batch_size, self.hp.seed, epoch)
+        return length_grouped_batches(lengths, self.hp.batch_size, self.hp.seed, epoch)
+
+    def _collate_train(self, batch: Any) -> tuple[dict[str, torch.Tensor], int, int]:
+        """(tensors, units the loss averages over, non-padding tokens)."""
+        pad = int(self.tokenizer.pad_token_id)
+        if self.packing:
+            tensors = collate_packed(self.train_features, batch, pad)
+            tokens = sum(self.train_features[i].length for row in batch for i in row)
+        else:
+            feats = [self.train_features[i] for i in batch]
+            tensors = collate_padded(feats, pad, self.spec.task)
+            tokens = sum(f.length for f in feats)
+        return tensors, self._units(tensors), tokens
+
+    def _units(self, tensors: dict[str, torch.Tensor]) -> int:
+        labels = tensors["labels"]
+        if self.spec.task == "sequence-classification":
+            return int(labels.shape[0])
+        if self.spec.task == "causal-lm":
+            return int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return int((labels != IGNORE_INDEX).sum())
+
+    # --- loss -----------------------------------------------------------------------
+
+    def _forward_loss_sum(self, tensors: dict[str, torch.Tensor], units: int) -> torch.Tensor:
+        """Summed loss of a micro-batch (so micro-batches of different sizes weigh right)."""
+        batch = {k: v.to(self.device) for k, v in tensors.items()}
+        if self.spec.task == "sequence-classification":
+            labels = batch.pop("labels")
+            logits = self.model(**batch).logits
+            return F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="sum")
+        if "position_ids" in batch:
+            batch["use_cache"] = False  # type: ignore[assignment]
+        out = self.model(**batch)
+        # transformers averages over the micro-batch's label tokens; times their count is the sum.
+        return out.loss.float() * units
+
+    # --- training ---------------------------------------------------------------------
+
+    def train(self) -> None:
+        self.sinks.phase("training")
+        acc = self.accelerator
+        model = self.model
+        throughput = Throughput()
+        rank, world = acc.process_index, acc.num_processes
+        accum = self.hp.gradient_accumulation_steps
+        params = [p for p in model.parameters() if p.requires_grad]
+        eval_every = self.spec.evaluation.every_steps
+        start_time = time.monotonic()
+        for epoch in range(self.hp.epochs):
+            batches = self._train_batches(epoch)[rank::world]
+            for start in range(0, len(batches), accum):
+                if self.step >= self.total_steps:
+                    break
+                if self.unfreezer is not None and self.unfreezer.on_step(self.step):
+                    params = [p for p in model.parameters() if p.requires_grad]
+                t0 = time.monotonic()
+                model.train()
+                group = [self._collate_train(b) for b in batches[start : start + accum]]
+                total_units = max(1, sum(u for _, u, _ in group))
+                loss_total = 0.0
+                for i, (tensors, units, _tokens) in enumerate(group):
+                    sync = contextlib.nullcontext() if i == len(group) - 1 else acc.no_sync(model)
+                    with sync, acc.autocast():
+                        loss_sum = self._forward_loss_sum(tensors, units)
+                    acc.backward(loss_sum / total_units)
+                    loss_total += float(loss_sum.detach())
+                grad_norm = acc.clip_grad_norm_(params, self.hp.max_grad_norm) if params else None
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                seconds = time.monotonic() - t0
+                tokens = sum(t for _, _, t in group)
+                tps = throughput.add(tokens, seconds)
+                remaining = (self.total_steps - self.step) * throughput.seconds_per_step()
+                report = StepReport(
+                    step=self.step,
+                    total_steps=self.total_steps,
+                    epoch=epoch + min(1.0, (start + accum) / max(1, len(batches))),
+                    loss=loss_total / total_units,
+                    learning_rate=float(self.scheduler.get_last_lr()[-1] if self.scheduler.get_last_lr() else 0.0),
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    tokens=tokens,
+                    samples=sum(
+                        len(b) if not self.packing else sum(len(r) for r in b) for b in batches[start : start + accum]
+                    ),
+                    seconds=seconds,
+                    tokens_per_second=tps,
+                    eta_seconds=remaining,
+                )
+                self.history.append_train(
+                    step=report.step,
+                    epoch=report.epoch,
+                    loss=report.loss,
+                    learning_rate=report.learning_rate,
+                    grad_norm=report.grad_norm,
+                    tokens_per_second=tps,
+                )
+                self.sinks.step(report)
+                end_of_epoch = start + accum >= len(batches)
+                due = (eval_every and self.step % eval_every == 0) or (not eval_every and end_of_epoch)
+                if (due or self.step >= self.total_steps) and self._validate_and_maybe_stop(report.epoch):
+                    self.stopped_early = True
+                    self.sinks.message(
+                        f"   early stopping at step {self.step}: no {self.selection_metric} improvement in "
+                        f"{self.stopper.patience} evaluations "
+                        f"(best {self.stopper.best:.4g} at step {self.stopper.best_step})"
+                    )
+                    break
+            if self.stopped_early or self.step >= self.total_steps:
+                break
+        self.train_seconds = time.monotonic() - start_time
+
+    def _validate_and_maybe_stop(self, epoch: float) -> bool:
+        if not self.validation_features:
+            self._snapshot_best()  # nothing to select on: the last state is the result
+            return False
+        out = self.evaluate(self.validation_features, self.data.validation, final=False)
+        metrics = out.metrics
+        self.history.append_eval(step=self.step, epoch=epoch, **metrics)
+        self.sinks.evaluation(self.step, "validation", metrics)
+        value = metrics.get(self.selection_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        best_before = self.stopper.best_step
+        stop = self.stopper.update(value, step=self.step)
+        if self.stopper.best_step != best_before:
+            self._snapshot_best()
+            self.best_validation = dict(metrics)
+        return stop
+
+    def _snapshot_best(self) -> None:
+        """Keep the best weights on the CPU: all of them for full fine-tuning (unfreezing
+        changes which are trainable), only the trained ones for PEFT methods."""
+        model = self.accelerator.unwrap_model(self.model)
+        full = self.spec.method.type == "full"
+        self.best_state = {
+            name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if full or p.requires_grad
+        }
+        self.best_step = self.step
+
+    def _restore_best(self) -> None:
+        if self.best_state is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.best_state:
+                    p.copy_(self.best_state[name].to(p.device))
+
+    # --- evaluation -------------------------------------------------------------------
+
+    def _wants_generation(self, final: bool) -> bool:
+        if self.spec.task == "sequence-classification":
+            return False
+        families = set(self.spec.metric_families()) & GENERATION_METRICS
+        if not families:
+            return False
+        return final or any(self.selection_metric in METRIC_OUTPUTS[f] for f in families)
+
+    @torch.no_grad()
+    def evaluate(self, features: Sequence[Feature], examples: Sequence[Example], *, final: bool) -> EvalOutput:
+        """Loss-based metrics for every task, classification metrics, perplexity, and
+        generated-text metrics when asked for."""
+        model = self.model
+        model.eval()
+        pad = int(self.tokenizer.pad_token_id)
+        n = len(features)
+        losses = [0.0] * n
+        units = [0] * n
+        predictions: list[Any] = [None] * n
+        for batch_idx in eval_batches([f.length for f in features], self.hp.batch_size * 2):
+            feats = [features[i] for i in batch_idx]
+            tensors = {k: v.to(self.device) for k, v in collate_padded(feats, pad, self.spec.task).items()}
+            with self.accelerator.autocast():
+                if self.spec.task == "sequence-classification":
+                    labels = tensors.pop("labels")
+                    logits = model(**tensors).logits.float()
+                    per = F.cross_entropy(logits, labels, reduction="none")
+                    for j, i in enumerate(batch_idx):
+                        losses[i] = float(per[j])
+                        units[i] = 1
+                        predictions[i] = int(logits[j].argmax())
+                    continue
+                logits = model(**tensors).logits.float()
+            labels = tensors["labels"]
+            if self.spec.task == "causal-lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            if logits.shape[1] != labels.shape[1]:  # virtual tokens prepended by prompt/prefix tuning
+                logits = logits[:, -labels.shape[1] :]
+            per_tok = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(labels.shape)
+            mask = labels != IGNORE_INDEX
+            for j, i in enumerate(batch_idx):
+                losses[i] = float(per_tok[j][mask[j]].sum())
+                units[i] = int(mask[j].sum())
+        total_units = max(1, sum(units))
+        eval_loss = sum(losses) / total_units
+        metrics: dict[str, float] = {"eval_loss": eval_loss}
+        out = EvalOutput(metrics, losses, units)
+        families = self.spec.metric_families()
+        if self.spec.task == "sequence-classification":
+            refs = [int(f.labels) for f in features]  # type: ignore[arg-type]
+            cls = classification_metrics(predictions, refs, self.data.label_names or [])
+            metrics.update({k: float(cls[k]) for k in ("accuracy", "f1", "precision", "recall") if k in families})
+            out.predictions, out.references = predictions, refs
+            out.extra["classification"] = cls
+        if "perplexity" in families:
+            metrics["perplexity"] = perplexity(sum(losses), total_units)
+        if self._wants_generation(final):
+            limit = None if final else MAX_GENERATION_EXAMPLES_DURING_TRAINING
+            preds, refs = self._generate(features, limit)
+            out.predictions, out.references = preds, refs
+            metrics.update(generation_metrics(preds, refs, [f for f in families if f in GENERATION_METRICS]))
+        return out
+
+    def _prompt_and_reference(self, feature: Feature) -> tuple[list[int], list[int]]:
+        labels = feature.labels
+        assert isinstance(labels, list)
+        if self.spec.task == "seq2seq":
+            return feature.input_ids, [t for t in labels if t != IGNORE_INDEX]
+        learned = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+        if learned and learned[0] > 0:  # prompt/completion or chat: the prompt is what is not learned
+            first = learned[0]
+            return feature.input_ids[:first], [t for t in labels[first:] if t != IGNORE_INDEX]
+        half = max(1, feature.length // 2)  # plain text: continue the first half
+        return feature.input_ids[:half], feature.input_ids[half:]
+
+    def _generate(self, features: Sequence[Feature], limit: int | None) -> tuple[list[str], list[str]]:
+        model = self.accelerator.unwrap_model(self.model)
+        tok = self.tokenizer
+        pad = int(tok.pad_token_id)
+        chosen = list(features)[:limit] if limit else list(features)
+        pairs = [self._prompt_and_reference(f) for f in chosen]
+        preds: list[str] = []
+        # Virtual-token methods break position ids under left padding (peft 0.21 with
+        # transformers 5): generate one example at a time, unpadded, for them.
+        virtual = self.spec.method.type in ("prefix-tuning", "prompt-tuning")
+        batch_size = 1 if virtual else max(1, self.hp.batch_size)
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start : start + batch_size]
+            width = max(len(p) for p, _ in part)
+            max_new = min(MAX_NEW_TOKENS, max(len(r) for _, r in part) + 8)
+            if self.spec.task == "seq2seq":  # encoders take right padding
+                ids = torch.full((len(part), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, (p, _) in enumerate(part):
+                    ids[j, : len(p)] = torch.tensor(p)
+                    mask[j, : len(p)] = 1
+            else:  # decoders continue from the last token: pad on the left
+                ids = torch.full((len(part), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, (p, _) in enumerate(part):
+                    ids[j, width - len(p) :] = torch.tensor(p)
+                    mask[j, width - len(p) :] = 1
+            with self.accelerator.autocast():
+                if virtual and self.spec.task == "causal-lm":
+                    out = self._greedy_without_cache(model, ids.to(self.device), max_new)
+                else:
+                    out = model.generate(
+                        input_ids=ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        max_new_tokens=max_new,
+                        do_sample=False,
+                        num_beams=1,
+                        pad_token_id=pad,
+                    )
+                    if self.spec.task != "seq2seq":
+                        out = out[:, width:]
+            preds.extend(tok.batch_decode(out, skip_special_tokens=True))
+        refs = tok.batch_decode([r for _, r in pairs], skip_special_tokens=True)
+        return [p.strip() for p in preds], [r.strip() for r in refs]
+
+    def _greedy_without_cache(self, model: Any, ids: torch.Tensor, max_new: int) -> torch.Tensor:
+        """Greedy decoding by full forward passes. For prompt tuning on decoders, where
+        ``generate()`` computes position ids past the virtual tokens (peft 0.21 with
+        transformers 5); quadratic, but only used on one example at a time."""
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        for _ in range(max_new):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            token = int(logits[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+        return torch.tensor([new], dtype=torch.long)
+
+    def _forgetting_perplexity(self, *, base: bool) -> float:
+        model = self.accelerator.unwrap_model(self.model)
+        ctx = model.disable_adapter() if base and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with ctx:
+            out = self.evaluate(self.forgetting_features, self.data.forgetting, final=False)
+        return perplexity(sum(out.per_example_loss), max(1, sum(out.per_example_units)))
+
+    # --- finish -----------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """Final evaluation on the best weights, gates, and outputs."""
+        self.sinks.phase("evaluating")
+        self._restore_best()
+        test_features, test_examples = self.test_features, self.data.test
+        if not test_features:
+            test_features, test_examples = self.validation_features, self.data.validation
+            self.notes.append("no test split: final metrics are on the validation split")
+        test = self.evaluate(test_features, test_examples, final=True)
+        metrics = dict(test.metrics)
+        self.sinks.evaluation(self.step, "test", metrics)
+        if self.ood_features:
+            ood = self.evaluate(self.ood_features, self.data.out_of_domain, final=True)
+            metrics.update({f"ood_{k}": v for k, v in ood.metrics.items()})
+            self.sinks.evaluation(self.step, "out-of-domain", ood.metrics)
+        forgetting = None
+        forgetting_spec = self.spec.evaluation.forgetting
+        if forgetting_spec is not None and self.base_forgetting_perplexity is not None:
+            tuned = self._forgetting_perplexity(base=False)
+            forgetting = forgetting_check(self.base_forgetting_perplexity, tuned, forgetting_spec.max_increase)
+            metrics["forgetting_increase"] = forgetting.relative_increase
+        fairness = self._fairness(test, test_examples)
+        if fairness is not None:
+            metrics["fairness_gap"] = fairness.gap
+        promoted = self._promoted_metrics()
+        gates = evaluate_gates(self.spec.promotion.gates, metrics, promoted)
+        passed = (
+            all(g.passed for g in gates)
+            and (forgetting is None or forgetting.passed)
+            and (fairness is None or fairness.passed)
+        )
+        model_uri, card_uri = self.save(
+            metrics=metrics, test=test, gates=gates, forgetting=forgetting, fairness=fairness, passed=passed
+        )
+        return RunResult(
+            passed=passed,
+            metrics=metrics,
+            validation_metrics=getattr(self, "best_validation", {}),
+            gates=gates,
+            forgetting=forgetting,
+            fairness=fairness,
+            model_uri=model_uri,
+            card_uri=card_uri,
+            steps=self.step,
+            best_step=getattr(self, "best_step", None),
+            data_fingerprint=self.data.fingerprint,
+            stopped_early=self.stopped_early,
+        )
+
+    def _fairness(self, test: EvalOutput, examples: Sequence[Example]) -> FairnessResult | None:
+        settings = self.spec.evaluation.fairness
+        if settings is None or not examples:
+            return None
+        groups = [e.group for e in examples]
+        metric = settings.metric
+        compute: Callable[[list[int]], float]
+        if metric in ("accuracy", "f1", "precision", "recall"):
+
+            def compute(idx: list[int]) -> float:
+                sub = classification_metrics(
+                    [test.predictions[i] for i in idx], [test.references[i] for i in idx], self.data.label_names or []
+                )
+                return float(sub[metric])
+        elif metric in ("eval_loss", "perplexity"):
+
+            def compute(idx: list[int]) -> float:
+                loss = sum(test.per_example_loss[i] for i in idx) / max(1, sum(test.per_example_units[i] for i in idx))
+                return perplexity(loss * 1.0, 1) if metric == "perplexity" else loss
+        else:
+            family = next(f for f, outs in METRIC_OUTPUTS.items() if metric in outs)
+
+            def compute(idx: list[int]) -> float:
+                got = generation_metrics(
+                    [test.predictions[i] for i in idx], [test.references[i] for i in idx], [family]
+                )
+                return float(got[metric])
+
+        return fairness_check(metric, groups, compute, settings.max_gap)
+
+    def _promoted_metrics(self) -> dict[str, float] | None:
+        from tuneloop.storage import NotFoundError  # noqa: PLC0415
+
+        uri = self.ctx.run_uri(Layout.PROMOTED)
+        try:
+            promoted = self.sources.storage(uri).read_json(uri)
+        except NotFoundError:
+            return None
+        metrics = promoted.get("metrics") if isinstance(promoted, dict) else None
+        return {k: float(v) for k, v in metrics.items()} if isinstance(metrics, dict) else None
+
+    def save(
+        self,
+        *,
+        metrics: dict[str, float],
+        test: EvalOutput,
+        gates: list[GateResult],
+        forgetting: ForgettingResult | None,
+        fairness: FairnessResult | None,
+        passed: bool,
+    ) -> tuple[str, str]:
+        """Write model, tokenizer, model card and report locally, then upload them."""
+        self.sinks.phase("uploading")
+        run = self.ctx.run
+        local = self.ctx.work_dir / "outputs"
+        shutil.rmtree(local, ignore_errors=True)
+        model_dir = local / "model"
+        report_dir = local / "report"
+        model_dir.mkdir(parents=True)
+        report_dir.mkdir(parents=True)
+        model = self.accelerator.unwrap_model(self.model)
+        save_format = self.spec.save_format()
+        if save_format == "merged":
+            model = model.merge_and_unload()
+        if self.accelerator.is_main_process:
+            model.save_pretrained(model_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(model_dir)
+        model_uri = self.ctx.run_uri(Layout.model(run)) + "/"
+        card = ModelCard(
+            job=self.ctx.job.metadata.name,
+            run=run,
+            task=self.spec.task,
+            base_model=self.spec.model.uri,
+            method=self.spec.method.type,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            data_fingerprint=self.data.fingerprint,
+            validation_report=self.data.report.to_dict(),
+            hyperparameters={
+                **self.hp.to_wire(),
+                "learningRate": self.spec.learning_rate(),
+                "packing": self.packing,
+                "totalSteps": self.total_steps,
+                "stepsTrained": self.step,
+                "bestStep": getattr(self, "best_step", None),
+                "stoppedEarly": self.stopped_early,
+                "parameterGroups": self.param_groups_summary,
+            },
+            metrics=metrics,
+            validation_metrics=getattr(self, "best_validation", {}),
+            per_class=test.extra.get("classification", {}).get("per_class"),
+            out_of_domain={k: v for k, v in metrics.items() if k.startswith("ood_")} or None,
+            forgetting=forgetting.to_dict() if forgetting else None,
+            fairness=fairness.to_dict() if fairness else None,
+            gates=[g.to_dict() for g in gates],
+            passed=passed,
+            notes=self.notes,
+            model_uri=model_uri,
+            save_format=save_format,
+        )
+        write_model_card(card, local)
+        plot_curves(self.history, report_dir)
+        (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (report_dir / "validation-report.json").write_text(json.dumps(self.data.report.to_dict(), indent=2))
+        (report_dir / "history.json").write_text(json.dumps(self.history.to_dict()))
+        if self.accelerator.is_main_process:
+            storage = self.sources.storage(self.ctx.output_uri)
+            storage.upload_dir(model_dir, model_uri)
+            storage.upload_dir(report_dir, self.ctx.run_uri(Layout.report(run)) + "/")
+            storage.upload_file(local / "model-card.md", self.ctx.run_uri(Layout.model_card(run)))
+            storage.upload_file(local / "model-card.json", self.ctx.run_uri(Layout.model_card_json(run)))
+        return model_uri, self.ctx.run_uri(Layout.model_card(run))
+
+    # --- all together -------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        try:
+            self.setup()
+            self.train()
+            return self.finish()
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        self.sinks.close()
+
+
+def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
