@@ -275,3 +275,50 @@ def test_invalid_manifest_is_refused_before_training(tmp_path) -> None:
     result = run_cli(["run", str(job)])
     assert result.returncode == 1
     assert "spec.task" in result.stderr
+
+
+def test_two_processes_with_gloo_train_one_model(tiny_model_dir, tmp_path) -> None:
+    """Data-parallel training through accelerate: two CPU processes, the gloo backend."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=120))
+    m = manifest(
+        "sequence-classification",
+        tiny_model_dir("bert"),
+        data,
+        tmp_path / "out",
+        method={"type": "lora"},
+        hyperparameters={"epochs": 1},
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(m))
+    import socket
+
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port, not 0
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            port,
+            "--master-addr",
+            "127.0.0.1",
+            "-m",
+            "tuneloop_trainer",
+            "run",
+            str(job),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("result: passed") == 1  # only rank 0 reports
+    card = json.loads((tmp_path / "out" / "runs" / "1" / "model-card.json").read_text())
+    single_process_steps = -(-int(card["validationReport"]["split"]["sizes"]["train"]) // 8)
+    assert card["hyperparameters"]["stepsTrained"] == single_process_steps // 2  # each step sees two batches

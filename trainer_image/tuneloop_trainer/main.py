@@ -95,32 +95,44 @@ def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local:
     from tuneloop_trainer.report import format_summary_table  # noqa: PLC0415
 
     console = ConsoleProgress(interval=5.0 if local else 30.0)
+    # Only the first process of a distributed run reports; the others train silently.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     cache = Path(os.environ.get("TUNELOOP_CACHE_DIR", Path.home() / ".cache" / "tuneloop"))
     ctx = RunContext(
-        job=job, run=run, output_uri=output_uri, work_dir=work_dir, sinks=Sinks([console]), cache_dir=cache
+        job=job,
+        run=run,
+        output_uri=output_uri,
+        work_dir=work_dir,
+        sinks=Sinks([console] if main_process else []),
+        cache_dir=cache,
     )
-    console.message(f"tuneloop: job {job.metadata.name}, run {run}, task {job.spec.task}, output {output_uri}")
+
+    def say(*args: Any, **kwargs: Any) -> None:
+        if main_process:
+            print(*args, **kwargs)
+
+    say(f"tuneloop: job {job.metadata.name}, run {run}, task {job.spec.task}, output {output_uri}")
     try:
         result = FineTuneRecipe(ctx).run()
     except TrainerError as exc:
         console.close()
-        print(f"\nrun failed ({exc.reason}, exit {int(exc.exit_code)}): {exc.message}", file=sys.stderr)
+        say(f"\nrun failed ({exc.reason}, exit {int(exc.exit_code)}): {exc.message}", file=sys.stderr)
         write_termination_message({"result": "Failed", "reason": exc.reason, "message": exc.message})
         return int(exc.exit_code)
-    print("\n" + format_summary_table(result.metrics, result.gates))
-    print(f"\nmodel:      {result.model_uri}\nmodel card: {result.card_uri}")
+    say("\n" + format_summary_table(result.metrics, result.gates))
+    say(f"\nmodel:      {result.model_uri}\nmodel card: {result.card_uri}")
     if result.forgetting is not None and not result.forgetting.passed:
-        print(
+        say(
             f"forgetting: general-domain perplexity rose {result.forgetting.relative_increase:+.1%} "
             f"(limit {result.forgetting.max_increase:.0%})"
         )
     if result.fairness is not None and not result.fairness.passed:
-        print(f"fairness:   {result.fairness.metric} gap {result.fairness.gap:.3f} > {result.fairness.max_gap}")
+        say(f"fairness:   {result.fairness.metric} gap {result.fairness.gap:.3f} > {result.fairness.max_gap}")
     write_termination_message(result.summary())
     if not result.passed:
-        print("result: trained, but the gates did not pass; the model must not be promoted", file=sys.stderr)
+        say("result: trained, but the gates did not pass; the model must not be promoted", file=sys.stderr)
         return int(ExitCode.GATE_FAILED)
-    print("result: passed")
+    say("result: passed")
     return int(ExitCode.SUCCESS)
 
 

@@ -227,7 +227,7 @@ class FineTuneRecipe:
             self.notes.append(f"packing is off: {self.spec.method.type} prepends virtual tokens")
         self.batches_per_epoch = len(self._train_batches(0))
         world = self.accelerator.num_processes
-        per_rank = math.ceil(self.batches_per_epoch / world)
+        per_rank = self.batches_per_epoch // world if world > 1 else self.batches_per_epoch
         self.steps_per_epoch = max(1, math.ceil(per_rank / self.hp.gradient_accumulation_steps))
         self.total_steps = self.steps_per_epoch * self.hp.epochs
         if self.hp.max_steps is not None:
@@ -280,6 +280,15 @@ class FineTuneRecipe:
             return packed_batches(lengths, self.hp.max_seq_length, self.hp.batch_size, self.hp.seed, epoch)
         return length_grouped_batches(lengths, self.hp.batch_size, self.hp.seed, epoch)
 
+    def _rank_batches(self, epoch: int, rank: int, world: int) -> list[Any]:
+        """This process's share of an epoch. Every rank gets the same number of batches
+        (the remainder is dropped; the next epoch's shuffle drops others): a rank with one
+        step more would wait forever in the gradient all-reduce."""
+        batches = self._train_batches(epoch)
+        if world > 1:
+            batches = batches[: len(batches) // world * world]
+        return batches[rank::world]
+
     def _collate_train(self, batch: Any) -> tuple[dict[str, torch.Tensor], int, int]:
         """(tensors, units the loss averages over, non-padding tokens)."""
         pad = int(self.tokenizer.pad_token_id)
@@ -328,7 +337,7 @@ class FineTuneRecipe:
         eval_every = self.spec.evaluation.every_steps
         start_time = time.monotonic()
         for epoch in range(self.hp.epochs):
-            batches = self._train_batches(epoch)[rank::world]
+            batches = self._rank_batches(epoch, rank, world)
             for start in range(0, len(batches), accum):
                 if self.step >= self.total_steps:
                     break

@@ -1,0 +1,250 @@
+"""Benchmark: packing (ours) vs padding (plain Hugging Face ``Trainer``) for causal LM training.
+
+A small GPT-2-style model (4 layers, 256 wide) is built from a config with a BPE tokenizer
+trained on the SST-2 sentences, then trained from the same initial weights on the SST-2
+train sentences as plain text, by our trainer (examples packed into 256-token rows, no
+cross-attention between examples) and by ``Trainer`` with
+``DataCollatorForLanguageModeling(mlm=False)`` (random batches padded to their longest
+member). Same data, hyperparameters, epochs and seed. Reported: non-padding tokens per
+second, wall time, peak memory, and the dev-set loss of both models, computed by one
+shared function.
+
+    .venv/bin/python bench/causal_lm.py [--epochs 1] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import peak_rss_mb, read_sst2, run_child, write_jsonl
+
+HP = {"lr": 1e-3, "batch_size": 32, "max_len": 256, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
+
+
+def prepare(workdir: Path, limit: int | None) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    train = [t for t, _ in read_sst2("train")]
+    train = train[:limit] if limit else train
+    dev = [t for t, _ in read_sst2("dev")]
+    write_jsonl([{"text": t} for t in train], workdir / "train.jsonl")
+    write_jsonl([{"text": t} for t in dev], workdir / "dev.jsonl")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=512,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    model_dir = workdir / "base-model"
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+
+
+def dev_loss(model_dir: Path, workdir: Path) -> float:
+    """Token-mean next-token loss on the dev sentences (each with its end-of-text token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    texts = [json.loads(x)["text"] for x in (workdir / "dev.jsonl").read_text().splitlines()]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = [*tok(text)["input_ids"][: HP["max_len"] - 1], tok.eos_token_id]
+            t = torch.tensor([ids])
+            logits = model(input_ids=t).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
+            count += len(ids) - 1
+    return total / count
+
+
+def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
+    from tuneloop.api import FineTuneJob
+    from tuneloop_trainer.progress import Sinks, StepReport
+    from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seconds, self.tokens = 0.0, 0
+
+        def phase(self, name: str) -> None: ...
+        def evaluation(self, *a: Any) -> None: ...
+        def message(self, text: str) -> None: ...
+        def close(self) -> None: ...
+
+        def step(self, report: StepReport) -> None:
+            self.seconds += report.seconds
+            self.tokens += report.tokens
+
+    out = workdir / "ours-out"
+    job = FineTuneJob.from_manifest(
+        {
+            "apiVersion": "tuneloop.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "bench-clm"},
+            "spec": {
+                "task": "causal-lm",
+                "model": {"uri": f"file://{workdir / 'base-model'}"},
+                "dataset": {
+                    "uri": f"file://{workdir / 'train.jsonl'}",
+                    "split": {
+                        "validationUri": f"file://{workdir / 'dev.jsonl'}",
+                        "testUri": f"file://{workdir / 'dev.jsonl'}",
+                    },
+                    "cleaning": {"dedupe": "off"},
+                    "screening": {"pii": "off"},
+                },
+                "method": {"type": "full"},
+                "hyperparameters": {
+                    "learningRate": HP["lr"],
+                    "epochs": epochs,
+                    "batchSize": HP["batch_size"],
+                    "maxSeqLength": HP["max_len"],
+                    "warmupRatio": HP["warmup_ratio"],
+                    "weightDecay": HP["weight_decay"],
+                    "seed": HP["seed"],
+                    "precision": "fp32",
+                    "packing": True,
+                },
+                "evaluation": {"metrics": ["perplexity"]},
+                "output": {"uri": f"file://{out}/"},
+                "resources": {"gpus": 0},
+            },
+        }
+    )
+    recorder = Recorder()
+    ctx = RunContext(
+        job=job,
+        run=1,
+        output_uri=job.spec.output.uri,
+        work_dir=workdir / "ours-work",
+        sinks=Sinks([recorder]),
+        cache_dir=workdir / "cache",
+    )
+    FineTuneRecipe(ctx).run()
+    return {
+        "tokens": recorder.tokens,
+        "train_seconds": recorder.seconds,
+        "tokens_per_second": recorder.tokens / recorder.seconds,
+        "dev_loss": dev_loss(out / "runs" / "1" / "model", workdir),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    torch.manual_seed(HP["seed"])
+    base = workdir / "base-model"
+    tok = AutoTokenizer.from_pretrained(base)
+    texts = [json.loads(x)["text"] for x in (workdir / "train.jsonl").read_text().splitlines()]
+    items = [{"input_ids": [*tok(t)["input_ids"][: HP["max_len"] - 1], tok.eos_token_id]} for t in texts]
+
+    class Data(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(items)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return items[i]
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    steps = epochs * math.ceil(len(items) / HP["batch_size"])
+    args = TrainingArguments(
+        output_dir=str(workdir / "baseline-out"),
+        per_device_train_batch_size=HP["batch_size"],
+        learning_rate=HP["lr"],
+        num_train_epochs=epochs,
+        warmup_steps=int(HP["warmup_ratio"] * steps),
+        weight_decay=HP["weight_decay"],
+        seed=HP["seed"],
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collator)
+    start = time.perf_counter()
+    out = trainer.train()
+    seconds = out.metrics.get("train_runtime", time.perf_counter() - start)
+    tokens = epochs * sum(len(x["input_ids"]) for x in items)
+    saved = workdir / "baseline-model"
+    trainer.save_model(str(saved))
+    tok.save_pretrained(saved)
+    return {
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "dev_loss": dev_loss(saved, workdir),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--child", choices=("ours", "baseline"))
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--result", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        result = (run_ours if args.child == "ours" else run_baseline)(args.workdir, args.epochs)
+        args.result.write_text(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-clm-") as tmp:
+        workdir = Path(tmp)
+        prepare(workdir, args.limit)
+        extra = ["--epochs", str(args.epochs)]
+        baseline = run_child(Path(__file__), "baseline", workdir, extra)
+        ours = run_child(Path(__file__), "ours", workdir, extra)
+    print(
+        f"SST-2 sentences as text, GPT-2-style 4x256 from scratch, {args.epochs} epoch(s), batch {HP['batch_size']}, "
+        f"lr {HP['lr']}, seed {HP['seed']}, CPU; ours packs into {HP['max_len']}-token rows"
+    )
+    print(f"{'':22}{'HF Trainer':>14}{'tuneloop':>14}{'ratio':>10}")
+    for key, label, fmt in (
+        ("tokens_per_second", "tokens/s (non-pad)", "{:,.0f}"),
+        ("train_seconds", "train wall time (s)", "{:.1f}"),
+        ("peak_rss_mb", "peak memory (MB)", "{:,.0f}"),
+        ("dev_loss", "dev loss", "{:.4f}"),
+    ):
+        ratio = ours[key] / baseline[key] if baseline[key] else float("nan")
+        print(f"{label:22}{fmt.format(baseline[key]):>14}{fmt.format(ours[key]):>14}{ratio:>9.2f}x")
+    print(f"dev loss difference: {100 * (ours['dev_loss'] / baseline['dev_loss'] - 1):+.2f} %")
+
+
+if __name__ == "__main__":
+    main()
