@@ -329,8 +329,7 @@ def test_model_data_and_outputs_on_s3(tiny_model_dir, tmp_path, s3) -> None:
     model_uri = s3.upload_dir(tiny_model_dir("gpt2", base_only=True), "models/tiny-gpt2/")
     data = write_jsonl(tmp_path / "chat.jsonl", rows_for("causal-lm", "prompt"))
     s3.put_bytes("data/chat/part-0.jsonl", data.read_bytes())
-    m = manifest("causal-lm", Path("/unused"), data, tmp_path / "unused", "prompt",
-                 hyperparameters={"epochs": 1})
+    m = manifest("causal-lm", Path("/unused"), data, tmp_path / "unused", "prompt", hyperparameters={"epochs": 1})
     m["spec"]["model"]["uri"] = model_uri
     m["spec"]["dataset"]["uri"] = s3.uri("data/chat/")
     m["spec"]["output"]["uri"] = s3.uri("jobs/chat/")
@@ -346,9 +345,14 @@ def test_same_seed_same_result(tiny_model_dir, tmp_path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
     results = []
     for i in range(2):
-        m = manifest("causal-lm", tiny_model_dir("gpt2"), data, tmp_path / f"out{i}",
-                     hyperparameters={"epochs": 1, "gradientAccumulationSteps": 2},
-                     method={"type": "full"})
+        m = manifest(
+            "causal-lm",
+            tiny_model_dir("gpt2"),
+            data,
+            tmp_path / f"out{i}",
+            hyperparameters={"epochs": 1, "gradientAccumulationSteps": 2},
+            method={"type": "full"},
+        )
         m["spec"]["hyperparameters"]["gradientCheckpointing"] = True
         results.append(run_recipe(m, tmp_path / f"w{i}").metrics["eval_loss"])
     assert results[0] == results[1]

@@ -126,8 +126,8 @@ def causal_features(
     features: list[Feature] = []
     if layout == "text":
         ids_list = _batch_ids(tokenizer, [e.fields["text"] for e in examples], max_len - len(eos))
-        for n, (ids, e) in enumerate(zip(ids_list, examples, strict=True)):
-            full = ids + eos
+        for n, (text_ids, e) in enumerate(zip(ids_list, examples, strict=True)):
+            full = text_ids + eos
             features.append(Feature(full, list(full), e.group, n))
         return features
     if layout == "prompt":

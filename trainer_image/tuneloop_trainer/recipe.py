@@ -500,9 +500,9 @@ class FineTuneRecipe:
             metrics["perplexity"] = perplexity(sum(losses), total_units)
         if self._wants_generation(final):
             limit = None if final else MAX_GENERATION_EXAMPLES_DURING_TRAINING
-            preds, refs = self._generate(features, limit)
-            out.predictions, out.references = preds, refs
-            metrics.update(generation_metrics(preds, refs, [f for f in families if f in GENERATION_METRICS]))
+            texts, references = self._generate(features, limit)
+            out.predictions, out.references = list(texts), list(references)
+            metrics.update(generation_metrics(texts, references, [f for f in families if f in GENERATION_METRICS]))
         return out
 
     def _prompt_and_reference(self, feature: Feature) -> tuple[list[int], list[int]]:
