@@ -14,18 +14,16 @@ shared function.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_mb, read_sst2, run_child, write_jsonl
+from common import SPEED_ROWS, StepRecorder, compare, peak_rss_mb, read_sst2, write_jsonl
 
 HP = {"lr": 1e-3, "batch_size": 32, "max_len": 256, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
@@ -42,8 +40,8 @@ def prepare(workdir: Path, limit: int | None) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>", "<|pad|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
     config = GPT2Config(
         vocab_size=len(fast),
         n_positions=512,
@@ -82,21 +80,8 @@ def dev_loss(model_dir: Path, workdir: Path) -> float:
 
 def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
     from tuneloop.api import FineTuneJob
-    from tuneloop_trainer.progress import Sinks, StepReport
+    from tuneloop_trainer.progress import Sinks
     from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.seconds, self.tokens = 0.0, 0
-
-        def phase(self, name: str) -> None: ...
-        def evaluation(self, *a: Any) -> None: ...
-        def message(self, text: str) -> None: ...
-        def close(self) -> None: ...
-
-        def step(self, report: StepReport) -> None:
-            self.seconds += report.seconds
-            self.tokens += report.tokens
 
     out = workdir / "ours-out"
     job = FineTuneJob.from_manifest(
@@ -134,7 +119,7 @@ def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
             },
         }
     )
-    recorder = Recorder()
+    recorder = StepRecorder()
     ctx = RunContext(
         job=job,
         run=1,
@@ -145,9 +130,7 @@ def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
     )
     FineTuneRecipe(ctx).run()
     return {
-        "tokens": recorder.tokens,
-        "train_seconds": recorder.seconds,
-        "tokens_per_second": recorder.tokens / recorder.seconds,
+        **recorder.result(),
         "dev_loss": dev_loss(out / "runs" / "1" / "model", workdir),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -213,37 +196,17 @@ def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--child", choices=("ours", "baseline"))
-    parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--result", type=Path)
-    args = parser.parse_args()
-    if args.child:
-        result = (run_ours if args.child == "ours" else run_baseline)(args.workdir, args.epochs)
-        args.result.write_text(json.dumps(result))
-        return
-    with tempfile.TemporaryDirectory(prefix="bench-clm-") as tmp:
-        workdir = Path(tmp)
-        prepare(workdir, args.limit)
-        extra = ["--epochs", str(args.epochs)]
-        baseline = run_child(Path(__file__), "baseline", workdir, extra)
-        ours = run_child(Path(__file__), "ours", workdir, extra)
-    print(
-        f"SST-2 sentences as text, GPT-2-style 4x256 from scratch, {args.epochs} epoch(s), batch {HP['batch_size']}, "
-        f"lr {HP['lr']}, seed {HP['seed']}, CPU; ours packs into {HP['max_len']}-token rows"
+    done = compare(
+        __doc__, Path(__file__), prepare, run_ours, run_baseline, rows=[*SPEED_ROWS, ("dev_loss", "dev loss", "{:.4f}")]
     )
-    print(f"{'':22}{'HF Trainer':>14}{'tuneloop':>14}{'ratio':>10}")
-    for key, label, fmt in (
-        ("tokens_per_second", "tokens/s (non-pad)", "{:,.0f}"),
-        ("train_seconds", "train wall time (s)", "{:.1f}"),
-        ("peak_rss_mb", "peak memory (MB)", "{:,.0f}"),
-        ("dev_loss", "dev loss", "{:.4f}"),
-    ):
-        ratio = ours[key] / baseline[key] if baseline[key] else float("nan")
-        print(f"{label:22}{fmt.format(baseline[key]):>14}{fmt.format(ours[key]):>14}{ratio:>9.2f}x")
+    if done is None:
+        return
+    baseline, ours, args = done
     print(f"dev loss difference: {100 * (ours['dev_loss'] / baseline['dev_loss'] - 1):+.2f} %")
+    print(
+        f"(SST-2 sentences as text, GPT-2-style 4x256 from scratch, {args.epochs} epoch(s), batch "
+        f"{HP['batch_size']}, lr {HP['lr']}, seed {HP['seed']}, CPU; ours packs into {HP['max_len']}-token rows)"
+    )
 
 
 if __name__ == "__main__":

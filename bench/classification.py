@@ -11,17 +11,15 @@ accuracy of both, and the ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_mb, read_sst2, run_child, write_jsonl
+from common import SPEED_ROWS, StepRecorder, compare, peak_rss_mb, read_sst2, write_jsonl
 
 HP = {"lr": 5e-5, "batch_size": 32, "max_len": 128, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
@@ -36,22 +34,8 @@ def prepare(workdir: Path, limit: int | None) -> None:
 def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
     from tuneloop.api import FineTuneJob
     from tuneloop_trainer.example import minilm_path
-    from tuneloop_trainer.progress import Sinks, StepReport
+    from tuneloop_trainer.progress import Sinks
     from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.seconds = 0.0
-            self.tokens = 0
-
-        def phase(self, name: str) -> None: ...
-        def evaluation(self, *a: Any) -> None: ...
-        def message(self, text: str) -> None: ...
-        def close(self) -> None: ...
-
-        def step(self, report: StepReport) -> None:
-            self.seconds += report.seconds
-            self.tokens += report.tokens
 
     job = FineTuneJob.from_manifest(
         {
@@ -87,7 +71,7 @@ def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
             },
         }
     )
-    recorder = Recorder()
+    recorder = StepRecorder()
     ctx = RunContext(
         job=job,
         run=1,
@@ -98,9 +82,7 @@ def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
     )
     result = FineTuneRecipe(ctx).run()
     return {
-        "tokens": recorder.tokens,
-        "train_seconds": recorder.seconds,
-        "tokens_per_second": recorder.tokens / recorder.seconds,
+        **recorder.result(),
         "dev_accuracy": result.metrics["accuracy"],
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -175,37 +157,22 @@ def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N training rows")
-    parser.add_argument("--child", choices=("ours", "baseline"))
-    parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--result", type=Path)
-    args = parser.parse_args()
-    if args.child:
-        result = (run_ours if args.child == "ours" else run_baseline)(args.workdir, args.epochs)
-        args.result.write_text(json.dumps(result))
-        return
-    with tempfile.TemporaryDirectory(prefix="bench-cls-") as tmp:
-        workdir = Path(tmp)
-        prepare(workdir, args.limit)
-        extra = ["--epochs", str(args.epochs)]
-        baseline = run_child(Path(__file__), "baseline", workdir, extra)
-        ours = run_child(Path(__file__), "ours", workdir, extra)
-    print(
-        f"SST-2, all-MiniLM-L6-v2, full fine-tuning, {args.epochs} epoch(s), batch {HP['batch_size']}, "
-        f"lr {HP['lr']}, seed {HP['seed']}, CPU"
+    done = compare(
+        __doc__,
+        Path(__file__),
+        prepare,
+        run_ours,
+        run_baseline,
+        [*SPEED_ROWS, ("dev_accuracy", "dev accuracy", "{:.4f}")],
     )
-    print(f"{'':22}{'HF Trainer':>14}{'tuneloop':>14}{'ratio':>10}")
-    for key, label, fmt in (
-        ("tokens_per_second", "tokens/s (non-pad)", "{:,.0f}"),
-        ("train_seconds", "train wall time (s)", "{:.1f}"),
-        ("peak_rss_mb", "peak memory (MB)", "{:,.0f}"),
-        ("dev_accuracy", "dev accuracy", "{:.4f}"),
-    ):
-        ratio = ours[key] / baseline[key] if baseline[key] else float("nan")
-        print(f"{label:22}{fmt.format(baseline[key]):>14}{fmt.format(ours[key]):>14}{ratio:>9.2f}x")
+    if done is None:
+        return
+    baseline, ours, args = done
     print(f"accuracy difference: {100 * (ours['dev_accuracy'] - baseline['dev_accuracy']):+.2f} points")
+    print(
+        f"(SST-2, all-MiniLM-L6-v2, full fine-tuning, {args.epochs} epoch(s), batch {HP['batch_size']}, "
+        f"lr {HP['lr']}, seed {HP['seed']}, CPU)"
+    )
 
 
 if __name__ == "__main__":

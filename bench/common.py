@@ -46,3 +46,61 @@ def run_child(script: Path, mode: str, workdir: Path, extra: list[str] | None = 
     subprocess.run(cmd + (extra or []), check=True, env=env)
     result: dict[str, Any] = json.loads(out.read_text())
     return result
+
+
+class StepRecorder:
+    """A trainer sink that adds up what training steps did (training time only, no eval)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def phase(self, name: str) -> None: ...
+    def evaluation(self, *args: Any) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+    def step(self, report: Any) -> None:
+        self.seconds += report.seconds
+        self.tokens += report.tokens
+
+    def result(self) -> dict[str, float]:
+        return {"tokens": self.tokens, "train_seconds": self.seconds, "tokens_per_second": self.tokens / self.seconds}
+
+
+def compare(
+    description: Any, script: Path, prepare: Any, run_ours: Any, run_baseline: Any, *, rows: list[tuple[str, str, str]]
+) -> tuple[dict[str, Any], dict[str, Any], Any] | None:
+    """The shared command line: ``--child`` runs one side; otherwise prepare, run both, print the table."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training rows")
+    parser.add_argument("--child", choices=("ours", "baseline"))
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--result", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        result = (run_ours if args.child == "ours" else run_baseline)(args.workdir, args.epochs)
+        args.result.write_text(json.dumps(result))
+        return None
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        prepare(workdir, args.limit)
+        extra = ["--epochs", str(args.epochs)]
+        baseline = run_child(script, "baseline", workdir, extra)
+        ours = run_child(script, "ours", workdir, extra)
+    print(f"{'':22}{'HF Trainer':>14}{'tuneloop':>14}{'ratio':>10}")
+    for key, label, fmt in rows:
+        ratio = ours[key] / baseline[key] if baseline[key] else float("nan")
+        print(f"{label:22}{fmt.format(baseline[key]):>14}{fmt.format(ours[key]):>14}{ratio:>9.2f}x")
+    return baseline, ours, args
+
+
+SPEED_ROWS = [
+    ("tokens_per_second", "tokens/s (non-pad)", "{:,.0f}"),
+    ("train_seconds", "train wall time (s)", "{:.1f}"),
+    ("peak_rss_mb", "peak memory (MB)", "{:,.0f}"),
+]

@@ -223,10 +223,17 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir, tmp_path) -> No
     assert result.best_step is not None and result.best_step < result.steps
 
 
-def run_cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tuneloop", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False
     )
+
+
+def run_job(m: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`tuneloop run job.yaml`, as a user types it."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(m))
+    return run_cli(["run", str(job)])
 
 
 def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_path) -> None:
@@ -239,9 +246,7 @@ def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_pa
         hyperparameters={"epochs": 1},
         promotion={"gates": [{"metric": "accuracy", "min": 1.01}]},
     )
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    result = run_cli(["run", str(job)])
+    result = run_job(m, tmp_path)
     assert result.returncode == ExitCode.GATE_FAILED, result.stderr
     assert "FAIL" in result.stdout
     assert "gates did not pass" in result.stderr
@@ -251,9 +256,7 @@ def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_pa
 def test_bad_data_exits_11_with_the_reason(tiny_model_dir, tmp_path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"review": "x", "label": 1}] * 5)
     m = manifest("sequence-classification", tiny_model_dir("bert"), data, tmp_path / "out")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    result = run_cli(["run", str(job)])
+    result = run_job(m, tmp_path)
     assert result.returncode == ExitCode.INVALID_DATA, result.stderr
     assert "'text'" in result.stderr and "review" in result.stderr
     assert "Traceback" not in result.stderr
@@ -262,9 +265,7 @@ def test_bad_data_exits_11_with_the_reason(tiny_model_dir, tmp_path) -> None:
 def test_model_that_does_not_fit_the_task_exits_12(tiny_model_dir, tmp_path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
     m = manifest("causal-lm", tiny_model_dir("bert"), data, tmp_path / "out")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    result = run_cli(["run", str(job)])
+    result = run_job(m, tmp_path)
     assert result.returncode == ExitCode.UNSUPPORTED_MODEL, result.stderr
     assert "encoder model (bert), which does not fit task causal-lm" in result.stderr
 
