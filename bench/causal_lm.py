@@ -2,7 +2,7 @@
 
 A small GPT-2-style model (4 layers, 256 wide) is built from a config with a BPE tokenizer
 trained on the SST-2 sentences, then trained from the same initial weights on the SST-2
-train sentences as plain text, by our trainer (examples packed into 256-token rows, no
+train sentences as plain text, by our trainer (examples packed into 128-token rows, no
 cross-attention between examples) and by ``Trainer`` with
 ``DataCollatorForLanguageModeling(mlm=False)`` (random batches padded to their longest
 member). Same data, hyperparameters, epochs and seed. Reported: non-padding tokens per
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SPEED_ROWS, StepRecorder, compare, peak_rss_mb, read_sst2, write_jsonl
 
-HP = {"lr": 1e-3, "batch_size": 32, "max_len": 256, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
+HP = {"lr": 1e-3, "batch_size": 32, "max_len": 128, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
 
 def prepare(workdir: Path, limit: int | None) -> None:

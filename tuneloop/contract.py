@@ -7,7 +7,13 @@ import this module, so the two sides cannot drift apart.
 from __future__ import annotations
 
 import enum
-from typing import Final
+from datetime import datetime
+from typing import Annotated, Final
+
+from pydantic import ConfigDict, Field
+
+from tuneloop.api.status import CheckpointRef, Progress
+from tuneloop.api.types import ApiModel
 
 
 class ExitCode(enum.IntEnum):
@@ -91,3 +97,58 @@ class Layout:
     @classmethod
     def report(cls, run: int) -> str:
         return f"{cls.run(run)}/report"
+
+
+class Heartbeat(ApiModel):
+    """What the trainer writes to ``runs/<n>/status.json`` (:meth:`Layout.status`) while it runs.
+
+    camelCase on the wire, with Kubeflow Trainer's progress field names. Numbers that are not
+    finite (a diverged loss) are written as ``null``. Unknown fields are ignored, not refused, so
+    an operator can read the heartbeat of a newer trainer during an upgrade.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    run: Annotated[int, Field(ge=1)]
+    """Run number."""
+    phase: Annotated[str, Field(max_length=64)] = ""
+    """The trainer's current phase (``validating``, ``training``, ``evaluating``, ``uploading``...)."""
+    step: Annotated[int, Field(ge=0)] = 0
+    """Optimizer steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps planned."""
+    epoch: Annotated[float, Field(ge=0)] = 0.0
+    """Fractional epoch."""
+    progress_percentage: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Percent of planned steps done."""
+    estimated_remaining_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds to the end of training."""
+    loss: float | None = None
+    """Latest training loss (``null`` when not finite)."""
+    tokens_per_second: Annotated[float, Field(ge=0)] | None = None
+    """Training throughput in non-padding tokens per second."""
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    """Latest evaluation metrics by name (``validation``, then ``test`` once it ran); ``null`` when
+    not finite."""
+    splits: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    """Latest evaluation metrics of every split (``validation``, ``test``, ``out-of-domain``...)."""
+    last_checkpoint: CheckpointRef | None = None
+    """Latest complete checkpoint."""
+    last_updated_time: datetime
+    """When the heartbeat was written (UTC)."""
+    message: Annotated[str, Field(max_length=4096)] = ""
+    """The trainer's latest message."""
+
+    def progress(self) -> Progress:
+        """The heartbeat as the job status' ``progress`` (metrics that are ``null`` left out)."""
+        return Progress(
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.epoch,
+            progress_percentage=self.progress_percentage,
+            estimated_remaining_seconds=self.estimated_remaining_seconds,
+            loss=self.loss,
+            tokens_per_second=self.tokens_per_second,
+            metrics={k: v for k, v in self.metrics.items() if v is not None},
+            last_updated_time=self.last_updated_time,
+        )
