@@ -176,7 +176,9 @@ def test_two_sinks_in_one_process_do_not_collide() -> None:
         ma, mb = scrape(a), scrape(b)
         losses_a = [v for (n, labels), v in ma.items() if n == "tuneloop_trainer_loss"]
         assert losses_a == [1.0]
-        assert mb[("tuneloop_trainer_loss", frozenset({"finetunejob": "b", "namespace": "ml", "run": "2"}.items()))] == 2
+        assert (
+            mb[("tuneloop_trainer_loss", frozenset({"finetunejob": "b", "namespace": "ml", "run": "2"}.items()))] == 2
+        )
     finally:
         a.close()
         b.close()
