@@ -251,6 +251,11 @@ def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_pa
     assert "FAIL" in result.stdout
     assert "gates did not pass" in result.stderr
     assert (tmp_path / "out" / "runs" / "1" / "model").is_dir()
+    from tuneloop.contract import Heartbeat
+
+    heartbeat = Heartbeat.model_validate_json((tmp_path / "out" / "runs" / "1" / "status.json").read_text())
+    assert heartbeat.step == heartbeat.total_steps > 0
+    assert "accuracy" in heartbeat.metrics
 
 
 def test_bad_data_exits_11_with_the_reason(tiny_model_dir, tmp_path) -> None:

@@ -87,6 +87,24 @@ def next_run_number(output_uri: str) -> int:
     return max(numbers, default=0) + 1
 
 
+def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any) -> list[Any]:
+    """Console progress; the S3 heartbeat the operator reads (runs/<n>/status.json); and the
+    Prometheus endpoint when ``TUNELOOP_METRICS_PORT`` is set (the operator sets it in pods)."""
+    from tuneloop.contract import Layout  # noqa: PLC0415
+    from tuneloop.storage import Storage, safe_join  # noqa: PLC0415
+    from tuneloop_trainer.telemetry import HeartbeatSink, PrometheusSink  # noqa: PLC0415
+
+    sinks: list[Any] = [console]
+    storage = Storage.for_uri(output_uri, job.spec.storage)
+    sinks.append(HeartbeatSink(storage, safe_join(output_uri, Layout.status(run)), run=run))
+    port = os.environ.get("TUNELOOP_METRICS_PORT")
+    if port:
+        sinks.append(
+            PrometheusSink(port=int(port), job=job.metadata.name, namespace=job.metadata.namespace or "", run=run)
+        )
+    return sinks
+
+
 def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local: bool) -> int:
     """Run the recipe and map its outcome to an exit code."""
     from tuneloop_trainer.errors import TrainerError  # noqa: PLC0415
@@ -103,7 +121,7 @@ def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local:
         run=run,
         output_uri=output_uri,
         work_dir=work_dir,
-        sinks=Sinks([console] if main_process else []),
+        sinks=Sinks(_sinks(job, run, output_uri, console) if main_process else []),
         cache_dir=cache,
     )
 
