@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -31,6 +32,9 @@ from tuneloop.manifests import ManifestError, read_manifests
 from tuneloop.validate import validate_manifest
 
 log = logging.getLogger("tuneloop_trainer")
+
+#: Exit code after SIGTERM with a checkpoint written (128 + 15, as a shell reports it): retryable.
+EXIT_INTERRUPTED = 143
 
 
 def _quiet_libraries() -> None:
@@ -109,7 +113,7 @@ def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local:
     """Run the recipe and map its outcome to an exit code."""
     from tuneloop_trainer.errors import TrainerError  # noqa: PLC0415
     from tuneloop_trainer.progress import ConsoleProgress, Sinks  # noqa: PLC0415
-    from tuneloop_trainer.recipe import FineTuneRecipe, RunContext  # noqa: PLC0415
+    from tuneloop_trainer.recipe import FineTuneRecipe, Interrupted, RunContext  # noqa: PLC0415
     from tuneloop_trainer.report import format_summary_table  # noqa: PLC0415
 
     console = ConsoleProgress(interval=5.0 if local else 30.0)
@@ -130,8 +134,20 @@ def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local:
             print(*args, **kwargs)
 
     say(f"tuneloop: job {job.metadata.name}, run {run}, task {job.spec.task}, output {output_uri}")
+    recipe = FineTuneRecipe(ctx)
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        # Kubernetes sends SIGTERM, then SIGKILL after the grace period: finish the step,
+        # write a checkpoint, exit with a retryable code.
+        recipe.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
     try:
-        result = FineTuneRecipe(ctx).run()
+        result = recipe.run()
+    except Interrupted as exc:
+        console.close()
+        say(f"\n{exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainerError as exc:
         console.close()
         say(f"\nrun failed ({exc.reason}, exit {int(exc.exit_code)}): {exc.message}", file=sys.stderr)

@@ -68,6 +68,15 @@ class Sinks:
         for s in self.sinks:
             s.close()
 
+    def checkpoint(self, step: int, uri: str, save_seconds: float, upload_seconds: float | None, size: int) -> None:
+        """A checkpoint became complete. Optional for sinks: the heartbeat records it as the
+        last complete checkpoint, Prometheus records its cost."""
+        for s in self.sinks:
+            if hasattr(s, "set_checkpoint"):
+                s.set_checkpoint(step, uri)
+            if hasattr(s, "record_checkpoint"):
+                s.record_checkpoint(save_seconds, upload_seconds, size)
+
 
 def format_seconds(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):

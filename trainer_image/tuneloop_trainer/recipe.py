@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from tuneloop_trainer.batching import (
     length_grouped_batches,
     packed_batches,
 )
+from tuneloop_trainer.checkpoints import CheckpointManager, CheckpointState, capture_rng, restore_rng
 from tuneloop_trainer.data import Example, PreparedData, prepare_data
 from tuneloop_trainer.evaluation import (
     EarlyStopper,
@@ -271,6 +273,111 @@ class FineTuneRecipe:
             self.sinks.message(
                 f"   base model perplexity on general-domain data: {self.base_forgetting_perplexity:.3f}"
             )
+        self._setup_checkpoints(mode)
+        self._resume()
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def _setup_checkpoints(self, mode: Literal["min", "max"]) -> None:
+        storage = self.sources.storage(self.ctx.output_uri)
+        self.checkpoints = CheckpointManager(
+            storage,
+            self.ctx.run_uri(Layout.checkpoints(self.ctx.run)),
+            self.ctx.work_dir / "checkpoints",
+            keep=self.spec.output.checkpoint.keep,
+            best_metric_mode=mode,
+        )
+        self.resume_epoch, self.resume_offset = 0, 0
+        self.last_checkpoint_time = time.monotonic()
+        self.stop_requested = False
+        self.last_selection_value: float | None = None
+        self._pending_checkpoint: tuple[int, str] | None = None
+
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        full = self.spec.method.type == "full"
+        tensors = {n: p.detach() for n, p in model.named_parameters() if full or p.requires_grad}
+        # The best weights so far travel too: a resumed run must still end on the best state.
+        if self.best_state is not None:
+            tensors.update({f"best::{n}": t for n, t in self.best_state.items()})
+        return tensors
+
+    def save_checkpoint(self, epoch: int, next_batch: int, *, blocking: bool = False) -> None:
+        """Snapshot locally (the only stall), upload in the background."""
+        self._report_completed_checkpoint()  # save() waits for the previous upload first
+        state = CheckpointState(
+            tensors=self._checkpoint_tensors(),
+            objects={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng(),
+            },
+            meta={
+                "step": self.step,
+                "epoch": epoch,
+                "nextBatch": next_batch,
+                "stopper": self.stopper.state_dict(),
+                "unfreezingStage": self.unfreezer.stage if self.unfreezer is not None else None,
+                "history": self.history.to_dict(),
+                "bestStep": getattr(self, "best_step", None),
+                "bestValidation": getattr(self, "best_validation", {}),
+                "metrics": getattr(self, "last_validation", {}),
+            },
+        )
+        if self.accelerator.is_main_process:
+            self.checkpoints.save(self.step, state, metric=self.last_selection_value, blocking=blocking)
+            self._pending_checkpoint = (self.step, self.checkpoints.step_uri(self.step))
+            if blocking:
+                self._report_completed_checkpoint()
+        self.last_checkpoint_time = time.monotonic()
+
+    def _report_completed_checkpoint(self) -> None:
+        if self._pending_checkpoint is None:
+            return
+        self.checkpoints.wait()
+        step, uri = self._pending_checkpoint
+        self._pending_checkpoint = None
+        cm = self.checkpoints
+        self.sinks.checkpoint(step, uri, cm.last_save_seconds or 0.0, cm.last_upload_seconds, cm.last_bytes or 0)
+
+    def _checkpoint_due(self) -> bool:
+        policy = self.spec.output.checkpoint
+        if self.stop_requested:
+            return True
+        if policy.every_steps and self.step % policy.every_steps == 0:
+            return True
+        return bool(policy.every_minutes and time.monotonic() - self.last_checkpoint_time >= 60 * policy.every_minutes)
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint of this run, if there is one."""
+        loaded = self.checkpoints.load()
+        if loaded is None:
+            return
+        info, state = loaded
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, tensor in state.tensors.items():
+                if name.startswith("best::"):
+                    continue
+                params[name].copy_(tensor.to(params[name].device))
+        best = {n.removeprefix("best::"): t for n, t in state.tensors.items() if n.startswith("best::")}
+        self.best_state = best or None
+        self.optimizer.load_state_dict(state.objects["optimizer"])
+        self.scheduler.load_state_dict(state.objects["scheduler"])
+        restore_rng(state.objects["rng"])
+        meta = state.meta
+        self.step = int(meta["step"])
+        self.resume_epoch, self.resume_offset = int(meta["epoch"]), int(meta["nextBatch"])
+        self.stopper.load_state_dict(meta["stopper"])
+        if self.unfreezer is not None and meta.get("unfreezingStage") is not None:
+            self.unfreezer.apply_stage(int(meta["unfreezingStage"]))
+        self.history = TrainingHistory.from_dict(meta["history"])
+        if meta.get("bestStep") is not None:
+            self.best_step = int(meta["bestStep"])
+        if meta.get("bestValidation"):
+            self.best_validation = dict(meta["bestValidation"])
+        self.sinks.message(f"   resumed from the checkpoint at step {info.step} ({info.uri})")
 
     # --- batching -------------------------------------------------------------------
 
@@ -335,10 +442,13 @@ class FineTuneRecipe:
         accum = self.hp.gradient_accumulation_steps
         params = [p for p in model.parameters() if p.requires_grad]
         eval_every = self.spec.evaluation.every_steps
+        # Fault-injection knob for preemption tests: slows every step down (seconds).
+        step_delay = float(os.environ.get("TUNELOOP_FAULT_STEP_DELAY", "0") or 0)
         start_time = time.monotonic()
-        for epoch in range(self.hp.epochs):
+        for epoch in range(self.resume_epoch, self.hp.epochs):
             batches = self._rank_batches(epoch, rank, world)
-            for start in range(0, len(batches), accum):
+            first = self.resume_offset if epoch == self.resume_epoch else 0
+            for start in range(first, len(batches), accum):
                 if self.step >= self.total_steps:
                     break
                 if self.unfreezer is not None and self.unfreezer.on_step(self.step):
@@ -359,6 +469,8 @@ class FineTuneRecipe:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                if step_delay:
+                    time.sleep(step_delay)
                 seconds = time.monotonic() - t0
                 tokens = sum(t for _, _, t in group)
                 tps = throughput.add(tokens, seconds)
@@ -389,7 +501,13 @@ class FineTuneRecipe:
                 self.sinks.step(report)
                 end_of_epoch = start + accum >= len(batches)
                 due = (eval_every and self.step % eval_every == 0) or (not eval_every and end_of_epoch)
-                if (due or self.step >= self.total_steps) and self._validate_and_maybe_stop(report.epoch):
+                stop = (due or self.step >= self.total_steps) and self._validate_and_maybe_stop(report.epoch)
+                if self._checkpoint_due() and not stop and self.step < self.total_steps:
+                    at = (epoch + 1, 0) if end_of_epoch else (epoch, start + accum)
+                    self.save_checkpoint(*at, blocking=self.stop_requested)
+                    if self.stop_requested:
+                        raise Interrupted(f"stopped at step {self.step} on request; checkpoint saved")
+                if stop:
                     self.stopped_early = True
                     self.sinks.message(
                         f"   early stopping at step {self.step}: no {self.selection_metric} improvement in "
@@ -400,6 +518,7 @@ class FineTuneRecipe:
             if self.stopped_early or self.step >= self.total_steps:
                 break
         self.train_seconds = time.monotonic() - start_time
+        self._report_completed_checkpoint()
 
     def _validate_and_maybe_stop(self, epoch: float) -> bool:
         if not self.validation_features:
@@ -409,9 +528,11 @@ class FineTuneRecipe:
         metrics = out.metrics
         self.history.append_eval(step=self.step, epoch=epoch, **metrics)
         self.sinks.evaluation(self.step, "validation", metrics)
+        self.last_validation = dict(metrics)
         value = metrics.get(self.selection_metric)
         if value is None or not math.isfinite(value):
             return False
+        self.last_selection_value = value
         best_before = self.stopper.best_step
         stop = self.stopper.update(value, step=self.step)
         if self.stopper.best_step != best_before:
@@ -758,7 +879,17 @@ class FineTuneRecipe:
             self.cleanup()
 
     def cleanup(self) -> None:
+        checkpoints = getattr(self, "checkpoints", None)
+        if checkpoints is not None:
+            try:
+                checkpoints.close()
+            except Exception:  # a failed upload must not hide the error that ended the run
+                log.exception("checkpoint upload failed while shutting down")
         self.sinks.close()
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint; the run is to be resumed."""
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
