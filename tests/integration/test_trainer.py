@@ -4,6 +4,7 @@ load back, early stopping, gates, and the documented failures with their exit co
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -230,10 +231,19 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def run_job(m: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """`tuneloop run job.yaml`, as a user types it."""
+    """`tuneloop run job.yaml`, as a user types it (termination message to tmp_path/termination-log)."""
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(m))
-    return run_cli(["run", str(job)])
+    env = {**os.environ, "TUNELOOP_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    return subprocess.run(
+        [sys.executable, "-m", "tuneloop", "run", str(job)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+        env=env,
+    )
 
 
 def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_path) -> None:
@@ -256,6 +266,9 @@ def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_pa
     heartbeat = Heartbeat.model_validate_json((tmp_path / "out" / "runs" / "1" / "status.json").read_text())
     assert heartbeat.step == heartbeat.total_steps > 0
     assert "accuracy" in heartbeat.metrics
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["result"] == "GateFailed"
+    assert len((tmp_path / "termination-log").read_bytes()) <= 4096
 
 
 def test_bad_data_exits_11_with_the_reason(tiny_model_dir, tmp_path) -> None:
@@ -263,6 +276,7 @@ def test_bad_data_exits_11_with_the_reason(tiny_model_dir, tmp_path) -> None:
     m = manifest("sequence-classification", tiny_model_dir("bert"), data, tmp_path / "out")
     result = run_job(m, tmp_path)
     assert result.returncode == ExitCode.INVALID_DATA, result.stderr
+    assert json.loads((tmp_path / "termination-log").read_text())["reason"] == "InvalidData"
     assert "'text'" in result.stderr and "review" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -362,3 +376,18 @@ def test_same_seed_same_result(tiny_model_dir, tmp_path) -> None:
         m["spec"]["hyperparameters"]["gradientCheckpointing"] = True
         results.append(run_recipe(m, tmp_path / f"w{i}").metrics["eval_loss"])
     assert results[0] == results[1]
+
+
+def test_unreadable_config_exits_10(tmp_path) -> None:
+    bad = tmp_path / "job.json"
+    bad.write_text("{not json")
+    result = subprocess.run(
+        [sys.executable, "-m", "tuneloop_trainer", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == ExitCode.INVALID_CONFIG
+    assert "cannot read the job config" in result.stderr

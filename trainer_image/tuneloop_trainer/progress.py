@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 
 @dataclass
@@ -67,6 +67,12 @@ class Sinks:
     def close(self) -> None:
         for s in self.sinks:
             s.close()
+
+    def data_report(self, report: Mapping[str, Any]) -> None:
+        """The data validation report (optional for sinks: Prometheus counts rows and drops)."""
+        for s in self.sinks:
+            if hasattr(s, "record_data_report"):
+                s.record_data_report(report)
 
     def checkpoint(self, step: int, uri: str, save_seconds: float, upload_seconds: float | None, size: int) -> None:
         """A checkpoint became complete. Optional for sinks: the heartbeat records it as the

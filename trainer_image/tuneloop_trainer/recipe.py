@@ -193,6 +193,7 @@ class FineTuneRecipe:
         self.data: PreparedData = prepare_data(
             self.spec, self.sources.fetch_data, count_tokens=count_tokens if check_length else None
         )
+        self.sinks.data_report(self.data.report.to_dict())
         for line in self.data.report.summary_lines():
             self.sinks.message(f"   {line}")
 
@@ -311,6 +312,8 @@ class FineTuneRecipe:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": capture_rng(),
+                # fp16 loss scaling state (bf16 and fp32 have none)
+                **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler is not None else {}),
             },
             meta={
                 "step": self.step,
@@ -366,6 +369,8 @@ class FineTuneRecipe:
         self.optimizer.load_state_dict(state.objects["optimizer"])
         self.scheduler.load_state_dict(state.objects["scheduler"])
         restore_rng(state.objects["rng"])
+        if self.accelerator.scaler is not None and "scaler" in state.objects:
+            self.accelerator.scaler.load_state_dict(state.objects["scaler"])
         meta = state.meta
         self.step = int(meta["step"])
         self.resume_epoch, self.resume_offset = int(meta["epoch"]), int(meta["nextBatch"])
