@@ -145,3 +145,6 @@ def test_killed_process_resumes_to_the_same_end(tiny_model_dir, tmp_path, sig) -
     assert "resumed from the checkpoint at step" in stdout + stderr
     card = json.loads((out / "runs/1/model-card.json").read_text())
     assert card["hyperparameters"]["stepsTrained"] == card["hyperparameters"]["totalSteps"]
+    reference = run_recipe(job(tiny_model_dir, tmp_path, tmp_path / "ref"), tmp_path / "w-ref")
+    assert card["hyperparameters"]["stepsTrained"] == reference.steps
+    assert card["metrics"]["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-3)
