@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SPEED_ROWS, StepRecorder, compare, peak_rss_mb, read_sst2, write_jsonl
+from common import SPEED_ROWS, compare, peak_rss_mb, read_sst2, train_ours, write_jsonl
 
 HP = {"lr": 1e-3, "batch_size": 32, "max_len": 128, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
@@ -79,58 +79,44 @@ def dev_loss(model_dir: Path, workdir: Path) -> float:
 
 
 def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
-    from tuneloop.api import FineTuneJob
-    from tuneloop_trainer.progress import Sinks
-    from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
 
     out = workdir / "ours-out"
-    job = FineTuneJob.from_manifest(
-        {
-            "apiVersion": "tuneloop.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "bench-clm"},
-            "spec": {
-                "task": "causal-lm",
-                "model": {"uri": f"file://{workdir / 'base-model'}"},
-                "dataset": {
-                    "uri": f"file://{workdir / 'train.jsonl'}",
-                    "split": {
-                        "validationUri": f"file://{workdir / 'dev.jsonl'}",
-                        "testUri": f"file://{workdir / 'dev.jsonl'}",
-                    },
-                    "cleaning": {"dedupe": "off"},
-                    "screening": {"pii": "off"},
+    manifest = {
+        "apiVersion": "tuneloop.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "bench-clm"},
+        "spec": {
+            "task": "causal-lm",
+            "model": {"uri": f"file://{workdir / 'base-model'}"},
+            "dataset": {
+                "uri": f"file://{workdir / 'train.jsonl'}",
+                "split": {
+                    "validationUri": f"file://{workdir / 'dev.jsonl'}",
+                    "testUri": f"file://{workdir / 'dev.jsonl'}",
                 },
-                "method": {"type": "full"},
-                "hyperparameters": {
-                    "learningRate": HP["lr"],
-                    "epochs": epochs,
-                    "batchSize": HP["batch_size"],
-                    "maxSeqLength": HP["max_len"],
-                    "warmupRatio": HP["warmup_ratio"],
-                    "weightDecay": HP["weight_decay"],
-                    "seed": HP["seed"],
-                    "precision": "fp32",
-                    "packing": True,
-                },
-                "evaluation": {"metrics": ["perplexity"]},
-                "output": {"uri": f"file://{out}/"},
-                "resources": {"gpus": 0},
+                "cleaning": {"dedupe": "off"},
+                "screening": {"pii": "off"},
             },
-        }
-    )
-    recorder = StepRecorder()
-    ctx = RunContext(
-        job=job,
-        run=1,
-        output_uri=job.spec.output.uri,
-        work_dir=workdir / "ours-work",
-        sinks=Sinks([recorder]),
-        cache_dir=workdir / "cache",
-    )
-    FineTuneRecipe(ctx).run()
+            "method": {"type": "full"},
+            "hyperparameters": {
+                "learningRate": HP["lr"],
+                "epochs": epochs,
+                "batchSize": HP["batch_size"],
+                "maxSeqLength": HP["max_len"],
+                "warmupRatio": HP["warmup_ratio"],
+                "weightDecay": HP["weight_decay"],
+                "seed": HP["seed"],
+                "precision": "fp32",
+                "packing": True,
+            },
+            "evaluation": {"metrics": ["perplexity"]},
+            "output": {"uri": f"file://{out}/"},
+            "resources": {"gpus": 0},
+        },
+    }
+    _result, steps = train_ours(manifest, workdir)
     return {
-        **recorder.result(),
+        **steps,
         "dev_loss": dev_loss(out / "runs" / "1" / "model", workdir),
         "peak_rss_mb": peak_rss_mb(),
     }

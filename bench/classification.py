@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SPEED_ROWS, StepRecorder, compare, peak_rss_mb, read_sst2, write_jsonl
+from common import SPEED_ROWS, compare, peak_rss_mb, read_sst2, train_ours, write_jsonl
 
 HP = {"lr": 5e-5, "batch_size": 32, "max_len": 128, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
@@ -32,57 +32,43 @@ def prepare(workdir: Path, limit: int | None) -> None:
 
 
 def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
-    from tuneloop.api import FineTuneJob
     from tuneloop_trainer.example import minilm_path
-    from tuneloop_trainer.progress import Sinks
-    from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
 
-    job = FineTuneJob.from_manifest(
-        {
-            "apiVersion": "tuneloop.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "bench-sst2"},
-            "spec": {
-                "task": "sequence-classification",
-                "model": {"uri": f"file://{minilm_path()}"},
-                "dataset": {
-                    "uri": f"file://{workdir / 'train.jsonl'}",
-                    "split": {
-                        "validationUri": f"file://{workdir / 'dev.jsonl'}",
-                        "testUri": f"file://{workdir / 'dev.jsonl'}",
-                    },
-                    "cleaning": {"dedupe": "off", "dropEmpty": True},
-                    "screening": {"pii": "off"},
+    manifest = {
+        "apiVersion": "tuneloop.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "bench-sst2"},
+        "spec": {
+            "task": "sequence-classification",
+            "model": {"uri": f"file://{minilm_path()}"},
+            "dataset": {
+                "uri": f"file://{workdir / 'train.jsonl'}",
+                "split": {
+                    "validationUri": f"file://{workdir / 'dev.jsonl'}",
+                    "testUri": f"file://{workdir / 'dev.jsonl'}",
                 },
-                "method": {"type": "full"},
-                "hyperparameters": {
-                    "learningRate": HP["lr"],
-                    "epochs": epochs,
-                    "batchSize": HP["batch_size"],
-                    "maxSeqLength": HP["max_len"],
-                    "warmupRatio": HP["warmup_ratio"],
-                    "weightDecay": HP["weight_decay"],
-                    "seed": HP["seed"],
-                    "precision": "fp32",
-                },
-                "evaluation": {"metrics": ["accuracy"]},
-                "output": {"uri": f"file://{workdir / 'ours-out'}/"},
-                "resources": {"gpus": 0},
+                "cleaning": {"dedupe": "off", "dropEmpty": True},
+                "screening": {"pii": "off"},
             },
-        }
-    )
-    recorder = StepRecorder()
-    ctx = RunContext(
-        job=job,
-        run=1,
-        output_uri=job.spec.output.uri,
-        work_dir=workdir / "ours-work",
-        sinks=Sinks([recorder]),
-        cache_dir=workdir / "cache",
-    )
-    result = FineTuneRecipe(ctx).run()
+            "method": {"type": "full"},
+            "hyperparameters": {
+                "learningRate": HP["lr"],
+                "epochs": epochs,
+                "batchSize": HP["batch_size"],
+                "maxSeqLength": HP["max_len"],
+                "warmupRatio": HP["warmup_ratio"],
+                "weightDecay": HP["weight_decay"],
+                "seed": HP["seed"],
+                "precision": "fp32",
+            },
+            "evaluation": {"metrics": ["accuracy"]},
+            "output": {"uri": f"file://{workdir / 'ours-out'}/"},
+            "resources": {"gpus": 0},
+        },
+    }
+    result, steps = train_ours(manifest, workdir)
     return {
-        **recorder.result(),
+        **steps,
         "dev_accuracy": result.metrics["accuracy"],
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -163,7 +149,7 @@ def main() -> None:
         prepare,
         run_ours,
         run_baseline,
-        [*SPEED_ROWS, ("dev_accuracy", "dev accuracy", "{:.4f}")],
+        rows=[*SPEED_ROWS, ("dev_accuracy", "dev accuracy", "{:.4f}")],
     )
     if done is None:
         return

@@ -68,6 +68,26 @@ class StepRecorder:
         return {"tokens": self.tokens, "train_seconds": self.seconds, "tokens_per_second": self.tokens / self.seconds}
 
 
+def train_ours(manifest: dict[str, Any], workdir: Path) -> tuple[Any, dict[str, float]]:
+    """Run our recipe on a manifest; returns the run result and the step recorder's totals."""
+    from tuneloop.api import FineTuneJob
+    from tuneloop_trainer.progress import Sinks
+    from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
+
+    job = FineTuneJob.from_manifest(manifest)
+    recorder = StepRecorder()
+    ctx = RunContext(
+        job=job,
+        run=1,
+        output_uri=job.spec.output.uri,
+        work_dir=workdir / "ours-work",
+        sinks=Sinks([recorder]),
+        cache_dir=workdir / "cache",
+    )
+    result = FineTuneRecipe(ctx).run()
+    return result, recorder.result()
+
+
 def compare(
     description: Any, script: Path, prepare: Any, run_ours: Any, run_baseline: Any, *, rows: list[tuple[str, str, str]]
 ) -> tuple[dict[str, Any], dict[str, Any], Any] | None:

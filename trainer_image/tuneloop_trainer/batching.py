@@ -44,11 +44,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
     return batches
 
 
-def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
-    """Batches in order, for evaluation (sorted by nothing: predictions map back by index)."""
-    return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
-
-
 def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Evaluation batches grouped by length (order does not matter for metrics)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
