@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from tuneloop import __version__
-from tuneloop.manifests import ManifestError, read_manifests
+from tuneloop.manifests import ManifestError, read_manifests, single_fine_tune_job
 from tuneloop.validate import Problem, validate_manifest
 
 EXIT_OK = 0
@@ -94,13 +94,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
-    jobs = [d for d in documents if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
-    if len(jobs) != 1:
-        print(f"error: {args.manifest} must hold exactly one FineTuneJob (found {len(jobs)})", file=sys.stderr)
+    try:
+        document = single_fine_tune_job(documents, args.manifest)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    _job, problems = validate_manifest(jobs[0].body)
+    _job, problems = validate_manifest(document.body)
     if problems:
-        _print_problems(jobs[0].describe(), problems)
+        _print_problems(document.describe(), problems)
         return EXIT_INVALID
     if importlib.util.find_spec("tuneloop_trainer") is None or importlib.util.find_spec("torch") is None:
         print("error: the trainer is not installed here; pip install 'tuneloop[trainer]'", file=sys.stderr)

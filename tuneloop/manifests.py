@@ -147,3 +147,11 @@ def read_manifests(path: str) -> list[Document]:
     except ManifestError as exc:
         raise ManifestError(f"{source}: {exc}", documents) from None
     return documents
+
+
+def single_fine_tune_job(documents: list[Document], source: str) -> Document:
+    """The one FineTuneJob of a file that ``tuneloop run`` runs; ManifestError otherwise."""
+    jobs = [d for d in documents if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
+        raise ManifestError(f"{source} must hold exactly one FineTuneJob (found {len(jobs)})")
+    return jobs[0]

@@ -28,7 +28,7 @@ from typing import Any
 
 from tuneloop.api import FineTuneJob
 from tuneloop.contract import TERMINATION_MESSAGE_MAX_BYTES, TERMINATION_MESSAGE_PATH, ExitCode
-from tuneloop.manifests import ManifestError, read_manifests
+from tuneloop.manifests import ManifestError, read_manifests, single_fine_tune_job
 from tuneloop.validate import validate_manifest
 
 log = logging.getLogger("tuneloop_trainer")
@@ -210,15 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             try:
-                documents = read_manifests(args.manifest)
+                document = single_fine_tune_job(read_manifests(args.manifest), args.manifest)
             except ManifestError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return int(ExitCode.INVALID_CONFIG)
-            jobs = [d for d in documents if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
-            if len(jobs) != 1:
-                print(f"error: {args.manifest} must hold exactly one FineTuneJob (found {len(jobs)})", file=sys.stderr)
-                return int(ExitCode.INVALID_CONFIG)
-            job = load_job(jobs[0].body, args.manifest)
+            job = load_job(document.body, args.manifest)
             output_uri = job.spec.output.uri
             if args.output:
                 output_uri = "file://" + str(Path(args.output).resolve())
