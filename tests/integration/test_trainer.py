@@ -391,3 +391,13 @@ def test_unreadable_config_exits_10(tmp_path) -> None:
     )
     assert result.returncode == ExitCode.INVALID_CONFIG
     assert "cannot read the job config" in result.stderr
+
+
+def test_hub_model_missing_offline_exits_12(tmp_path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
+    m = manifest("causal-lm", Path("/unused"), data, tmp_path / "out")
+    m["spec"]["model"]["uri"] = "hf://no-such-org/no-such-model"
+    result = run_job(m, tmp_path)
+    assert result.returncode == ExitCode.UNSUPPORTED_MODEL, result.stderr[-2000:]
+    assert "no-such-org/no-such-model" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -130,7 +130,7 @@ def resolve_model(source: ModelSource, download: Callable[[str, Path], Path], ca
     return ResolvedModel(repo, source.revision or at_revision or None, uri)
 
 
-def _load_config(resolved: ResolvedModel) -> PretrainedConfig:
+def load_config(resolved: ResolvedModel) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
     except (OSError, ValueError) as exc:
@@ -205,9 +205,11 @@ def load_model(
     resolved: ResolvedModel,
     *,
     label_names: Sequence[str] | None = None,
+    config: PretrainedConfig | None = None,
 ) -> LoadedModel:
-    """Load the base model for ``spec.task`` and apply ``spec.method``."""
-    config = _load_config(resolved)
+    """Load the base model for ``spec.task`` and apply ``spec.method`` (``config``: one already
+    loaded with :func:`load_config`, to avoid reading it twice)."""
+    config = config if config is not None else load_config(resolved)
     family = check_fits_task(config, spec.task, resolved.uri)
     if spec.hyperparameters.dropout is not None:
         changed = _override_dropout(config, spec.hyperparameters.dropout)

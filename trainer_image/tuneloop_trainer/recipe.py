@@ -53,7 +53,15 @@ from tuneloop_trainer.evaluation import (
     perplexity,
 )
 from tuneloop_trainer.features import IGNORE_INDEX, Feature, build_features
-from tuneloop_trainer.models import LoadedModel, load_model, load_tokenizer, mixed_precision, resolve_model
+from tuneloop_trainer.models import (
+    LoadedModel,
+    check_fits_task,
+    load_config,
+    load_model,
+    load_tokenizer,
+    mixed_precision,
+    resolve_model,
+)
 from tuneloop_trainer.optim import GradualUnfreezer, describe_groups, parameter_groups
 from tuneloop_trainer.progress import Sinks, StepReport, Throughput
 from tuneloop_trainer.report import ModelCard, TrainingHistory, plot_curves, write_model_card
@@ -170,12 +178,10 @@ class FineTuneRecipe:
         self._setup_optimizer()
 
     def _setup_tokenizer_and_data(self) -> None:
-        from transformers import AutoConfig  # noqa: PLC0415
-
-        from tuneloop_trainer.models import check_fits_task  # noqa: PLC0415
-
-        config = AutoConfig.from_pretrained(self.resolved.location, revision=self.resolved.revision)
-        family = check_fits_task(config, self.spec.task, self.resolved.uri)
+        # Read once, here, through the error path that names the model (an unreachable hub
+        # model is a permanent UnsupportedModel failure, not a crash); load_model reuses it.
+        self.model_config = load_config(self.resolved)
+        family = check_fits_task(self.model_config, self.spec.task, self.resolved.uri)
         self.tokenizer = load_tokenizer(self.resolved, family)
         columns = self.spec.columns()
         tokenizer = self.tokenizer
@@ -197,7 +203,9 @@ class FineTuneRecipe:
             self.sinks.message(f"   {line}")
 
     def _setup_model(self) -> None:
-        self.loaded: LoadedModel = load_model(self.spec, self.resolved, label_names=self.data.label_names)
+        self.loaded: LoadedModel = load_model(
+            self.spec, self.resolved, label_names=self.data.label_names, config=self.model_config
+        )
         trainable, total = self.loaded.parameter_counts()
         self.sinks.message(
             f"   model {self.resolved.uri} ({self.loaded.family}, {self.loaded.config.model_type}): "
