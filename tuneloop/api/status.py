@@ -93,6 +93,18 @@ class Reason:
     """The run's model was not promoted (gates or approval); the message says why."""
     NO_RUN: Final = "NoRun"
     """No run has happened yet."""
+    RUN_STARTED: Final = "RunStarted"
+    """A new run started (its first attempt's pods were created)."""
+    SPEC_CHANGED: Final = "SpecChanged"
+    """The spec changed while a run was active; the next run trains the new spec."""
+    TRAINER_FAILED: Final = "TrainerFailed"
+    """The trainer ended with a retryable failure (a crash, an out-of-memory kill, a signal)."""
+    POD_CREATE_FAILED: Final = "PodCreateFailed"
+    """The API server refused to create a trainer pod (quota, admission); retried."""
+    CLEANED_UP: Final = "CleanedUp"
+    """``ttlSecondsAfterFinished`` passed: the finished runs' pods and ConfigMaps were deleted."""
+    ARTIFACTS_RETAINED: Final = "ArtifactsRetained"
+    """The job was deleted: its pods are gone, its checkpoints and models stay in S3."""
 
 
 class Condition(ApiModel):
@@ -144,6 +156,34 @@ class CheckpointRef(ApiModel):
     """Where it is."""
 
 
+AttemptCause = Literal["Started", "Retry", "Preempted", "Resumed"]
+
+
+class Attempt(ApiModel):
+    """One attempt of a run: a set of trainer pods, one per node. A retry, a preemption or an
+    unsuspend starts a new attempt, which resumes from the run's last complete checkpoint."""
+
+    number: Annotated[int, Field(ge=1)]
+    """Attempt number within the run (pods are named ``<job>-r<run>-a<attempt>-n<rank>``)."""
+    cause: AttemptCause
+    """Why the attempt started: the run ``Started``, a ``Retry`` after a retryable failure, the
+    previous attempt was ``Preempted`` (or evicted, or lost with its node), or the job was
+    ``Resumed`` after a suspension."""
+    start_time: datetime | None = None
+    """When its pods were created."""
+    end_time: datetime | None = None
+    """When it ended."""
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    """How it ended (a Reason constant), unset while it runs."""
+    exit_code: int | None = None
+    """The trainer's exit code, when a process ended (see the trainer's exit-code table)."""
+    message: Annotated[str, Field(max_length=1024)] = ""
+    """Detail: the pod's own reason, or the trainer's last words."""
+
+
+MAX_ATTEMPT_HISTORY: Final = 20
+
+
 class CurrentRun(ApiModel):
     """The run in progress (or the latest one)."""
 
@@ -152,19 +192,38 @@ class CurrentRun(ApiModel):
     trigger: RunTrigger
     """What started the run."""
     pods: list[str] = Field(default_factory=list)
-    """Names of the run's pods."""
+    """Names of the current attempt's pods."""
     start_time: datetime | None = None
     """When the run started."""
     attempts: Annotated[int, Field(ge=0)] = 0
-    """Attempts so far (retries after failures; preemptions are counted apart)."""
+    """Attempts started so far (the current one included)."""
+    failures: Annotated[int, Field(ge=0)] = 0
+    """Retryable failures so far; more than ``spec.backoffLimit`` fails the run."""
     preemptions: Annotated[int, Field(ge=0)] = 0
-    """Pods lost to preemption, eviction or node failure."""
+    """Attempts lost to preemption, eviction or node failure (do not count against ``backoffLimit``)."""
+    retry_after: datetime | None = None
+    """While backing off after a retryable failure: when the next attempt starts."""
+    suspended_seconds: Annotated[int, Field(ge=0)] = 0
+    """Seconds the run spent suspended (not counted against ``activeDeadlineSeconds``)."""
+    suspended_since: datetime | None = None
+    """While suspended: since when."""
     generation: Annotated[int, Field(ge=0)] | None = None
     """The spec generation the run trains."""
+    spec_hash: Annotated[str, Field(max_length=64)] | None = None
+    """Hash of the training-relevant spec the run trains (lifecycle fields such as ``suspend``,
+    ``backoffLimit``, deadlines and TTL excluded): a different hash means a new run."""
     progress: Progress | None = None
     """Training progress."""
     last_checkpoint: CheckpointRef | None = None
     """Latest complete checkpoint."""
+    history: Annotated[list[Attempt], Field(max_length=MAX_ATTEMPT_HISTORY)] = Field(default_factory=list)
+    """The run's attempts, newest last (the most recent ones)."""
+    result: RunResult | None = None
+    """How the run ended; unset while it is active."""
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    """Reason of the result (a Reason constant)."""
+    completion_time: datetime | None = None
+    """When the run ended."""
 
 
 class RunRecord(ApiModel):
@@ -188,6 +247,12 @@ class RunRecord(ApiModel):
     """When it started."""
     completion_time: datetime | None = None
     """When it ended."""
+    attempts: Annotated[int, Field(ge=0)] = 0
+    """Attempts it took."""
+    preemptions: Annotated[int, Field(ge=0)] = 0
+    """Attempts lost to preemption, eviction or node failure."""
+    message: Annotated[str, Field(max_length=1024)] = ""
+    """Detail of the result."""
 
 
 class Promoted(ApiModel):

@@ -1,0 +1,385 @@
+"""Kopf handlers: thin. Every trigger ends in :meth:`Runtime.reconcile`, which observes the job
+(one GET, three LISTs by label), asks :func:`tuneloop_operator.planner.plan` what to do, and
+carries the plan out through :mod:`tuneloop_operator.kube`.
+
+Triggers:
+
+- create / update / resume of a FineTuneJob: reconcile now (errors go back to Kopf, which
+  retries with backoff);
+- any event of a pod Tuneloop made: reconcile its job (coalesced: a burst of pod events makes
+  one more reconcile, not one each);
+- a requeue the plan asked for (a backoff or a deadline expiring, a pod still stopping);
+- a single ticker every ``TUNELOOP_RECONCILE_INTERVAL`` seconds that reads the heartbeat of
+  every active run. One ticker rather than a Kopf timer per job: a thousand jobs make one
+  task, not a thousand, and finished jobs cost nothing.
+
+Status is written with one merge patch of ``/status`` per reconcile, only when it changed,
+from every trigger alike (a pod event has no Kopf ``patch`` of the job to write into); Kopf's
+own bookkeeping stays in annotations under ``tuneloop.dev``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+
+from tuneloop.api import GROUP, PLURAL, VERSION, FineTuneJob
+from tuneloop.api.status import FineTuneJobStatus
+from tuneloop.contract import Heartbeat
+from tuneloop_operator.conditions import status_patch
+from tuneloop_operator.heartbeat import HeartbeatError, HeartbeatReader
+from tuneloop_operator.kube import ApiError, EventSpec, KubeClient
+from tuneloop_operator.metrics import OperatorMetrics
+from tuneloop_operator.planner import (
+    Observed,
+    Plan,
+    PlannerSettings,
+    parse_job,
+    parse_status,
+    plan,
+    plan_deletion,
+)
+from tuneloop_operator.render import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
+from tuneloop_operator.settings import OperatorSettings
+
+log = logging.getLogger("tuneloop_operator")
+
+Key = tuple[str, str]
+#: Seconds before a reconcile that failed outside a Kopf handler (a pod event, a requeue) is tried again.
+RETRY_DELAY: Final = 5.0
+FINALIZER: Final = f"{GROUP}/finalizer"
+
+
+class RetryLater(kopf.TemporaryError):
+    """A reconcile could not finish (the API server refused a write); Kopf retries it."""
+
+
+@dataclass
+class Runtime:
+    """The operator's state: clients, metrics, per-job locks, pending requeues, the last heartbeats."""
+
+    settings: OperatorSettings
+    kube: KubeClient
+    metrics: OperatorMetrics
+    heartbeats: HeartbeatReader
+    planner: PlannerSettings
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    queued: set[Key] = field(default_factory=set)
+    timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
+    beats: dict[Key, Heartbeat] = field(default_factory=dict)
+    beat_errors: dict[Key, str] = field(default_factory=dict)
+    active: set[Key] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, settings: OperatorSettings, kube: KubeClient) -> Runtime:
+        return cls(
+            settings=settings,
+            kube=kube,
+            metrics=OperatorMetrics(),
+            heartbeats=HeartbeatReader(kube),
+            planner=PlannerSettings(
+                trainer_image=settings.trainer_image,
+                backoff_base_seconds=settings.backoff_base_seconds,
+                backoff_max_seconds=settings.backoff_max_seconds,
+                max_preemptions=settings.max_preemptions,
+                metrics_port=settings.trainer_metrics_port,
+            ),
+        )
+
+    def lock(self, key: Key) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def forget(self, key: Key) -> None:
+        handle = self.timers.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        self.beats.pop(key, None)
+        self.beat_errors.pop(key, None)
+        self.active.discard(key)
+        self.locks.pop(key, None)
+        self.metrics.jobs.forget(*key)
+
+    # -- triggering --
+
+    def trigger(self, key: Key, why: str, *, heartbeat: bool = False) -> None:
+        """Reconcile ``key`` soon, in the background; coalesced with one already waiting."""
+        if key in self.queued:
+            return
+        self.queued.add(key)
+        task = asyncio.create_task(self._queued(key, why, heartbeat))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _queued(self, key: Key, why: str, heartbeat: bool) -> None:
+        try:
+            await self.reconcile(key, why, heartbeat=heartbeat, queued=True)
+        except Exception as exc:  # a background reconcile must not die silently
+            self.metrics.reconcile_errors.inc()
+            log.warning("reconcile of %s/%s (%s) failed, retrying in %.0fs: %s", *key, why, RETRY_DELAY, exc)
+            self.schedule(key, RETRY_DELAY)
+
+    def schedule(self, key: Key, delay: float) -> None:
+        """Reconcile ``key`` after ``delay`` seconds (the earliest request wins)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        handle = self.timers.get(key)
+        if handle is not None and not handle.cancelled() and handle.when() <= when:
+            return
+        if handle is not None:
+            handle.cancel()
+
+        def fire() -> None:
+            self.timers.pop(key, None)
+            self.trigger(key, "requeue")
+
+        self.timers[key] = loop.call_at(when, fire)
+
+    # -- reconcile --
+
+    async def reconcile(self, key: Key, why: str, *, heartbeat: bool = False, queued: bool = False) -> None:
+        async with self.lock(key):
+            if queued:
+                self.queued.discard(key)
+            started = time.monotonic()
+            try:
+                await self._reconcile(key, heartbeat=heartbeat)
+            finally:
+                self.metrics.reconcile_duration.labels(trigger=why).observe(time.monotonic() - started)
+
+    async def _reconcile(self, key: Key, *, heartbeat: bool) -> None:
+        namespace, name = key
+        body = await self.kube.get_job(namespace, name)
+        if body is None:
+            self.forget(key)
+            return
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            return  # the deletion handler cleans up
+        pods, config_maps, services = await asyncio.gather(
+            self.kube.list_children(namespace, name, "Pod"),
+            self.kube.list_children(namespace, name, "ConfigMap"),
+            self.kube.list_children(namespace, name, "Service"),
+        )
+        old = parse_status(body.get("status"))
+        if heartbeat:
+            await self._read_heartbeat(key, body, old)
+        the_plan = plan(
+            Observed(
+                body=body,
+                now=datetime.now(UTC).replace(microsecond=0),
+                pods=pods,
+                config_maps=config_maps,
+                services=services,
+                heartbeat=self.beats.get(key),
+            ),
+            self.planner,
+        )
+        await self._execute(key, body, old, the_plan)
+
+    async def _read_heartbeat(self, key: Key, body: Mapping[str, Any], status: FineTuneJobStatus) -> None:
+        current = status.current_run
+        if current is None or current.result is not None:
+            return
+        job, _ = parse_job(body)
+        if job is None:
+            return
+        try:
+            beat = await self.heartbeats.read(job, current.number)
+        except Exception as exc:  # S3 trouble must not stop reconciling
+            self.metrics.heartbeat_read_errors.inc()
+            # HeartbeatError messages name the object, never a credential; others only by type.
+            text = str(exc) if isinstance(exc, HeartbeatError) else type(exc).__name__
+            level = logging.DEBUG if self.beat_errors.get(key) == text else logging.WARNING
+            self.beat_errors[key] = text
+            log.log(level, "heartbeat of %s/%s run %d: %s", *key, current.number, text)
+            return
+        self.beat_errors.pop(key, None)
+        if beat is not None:
+            self.beats[key] = beat
+
+    async def _execute(self, key: Key, body: Mapping[str, Any], old: FineTuneJobStatus, the_plan: Plan) -> None:
+        namespace, name = key
+        for ref in the_plan.delete:
+            await self.kube.delete(namespace, ref.kind, ref.name)
+        for obj in the_plan.create:
+            try:
+                await self.kube.create(obj)
+            except ApiError as exc:
+                if exc.status in (409, 429) or exc.status >= 500:
+                    raise RetryLater(f"creating {obj['kind']} {obj['metadata']['name']}: {exc}", delay=5) from None
+                # Refused for good (quota, admission policy): say so where the user looks, retry slowly.
+                message = f"the API server refused {obj['kind']} {obj['metadata']['name']}: {exc.message}"
+                await self._post(body, EventSpec("Warning", "PodCreateFailed", message))
+                raise RetryLater(message, delay=30) from None
+        patch = status_patch(old, the_plan.status)
+        if patch is not None:
+            await self.kube.patch_job_status(namespace, name, patch)
+        for event in the_plan.events:
+            await self._post(body, EventSpec(event.type, event.reason, event.message))
+        self._account(key, the_plan)
+        if the_plan.requeue_after is not None:
+            self.schedule(key, the_plan.requeue_after)
+
+    async def _post(self, body: Mapping[str, Any], event: EventSpec) -> None:
+        try:
+            await self.kube.post_event(body, event)
+        except ApiError as exc:
+            log.warning("could not post event %s: %s", event.reason, exc)
+
+    def _account(self, key: Key, the_plan: Plan) -> None:
+        status = the_plan.status
+        self.metrics.jobs.set(*key, status.phase)
+        current = status.current_run
+        if current is not None and current.result is None:
+            self.active.add(key)
+        else:
+            self.active.discard(key)
+            self.beats.pop(key, None)
+        if the_plan.started_run is not None and current is not None:
+            self.metrics.runs_started.labels(trigger=current.trigger).inc()
+        if the_plan.finished is not None:
+            result, reason = the_plan.finished
+            if result == "Succeeded":
+                self.metrics.runs_succeeded.inc()
+            else:
+                self.metrics.runs_failed.labels(reason=reason).inc()
+        if the_plan.retried:
+            self.metrics.retries.inc()
+        if the_plan.preempted:
+            self.metrics.preemptions.inc()
+
+    # -- deletion --
+
+    async def delete_children(self, key: Key, body: Mapping[str, Any]) -> None:
+        namespace, name = key
+        for kind in ("Pod", "Service", "ConfigMap"):
+            for obj in await self.kube.list_children(namespace, name, kind):
+                await self.kube.delete(namespace, kind, str(obj["metadata"]["name"]))
+        events, _ = plan_deletion(body)
+        for event in events:
+            await self._post(body, EventSpec(event.type, event.reason, event.message))
+        self.forget(key)
+
+    # -- ticker --
+
+    async def tick_forever(self) -> None:
+        """Read the heartbeat of every active run, every ``reconcile_interval`` seconds."""
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            for key in list(self.active):
+                self.trigger(key, "timer", heartbeat=True)
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorSettings) -> None:
+    """Kopf settings, each for a reason."""
+    # Our own finalizer name: `kubectl get -o yaml` shows who holds the object.
+    settings.persistence.finalizer = FINALIZER
+    # Kopf's handler progress and last-handled spec live in annotations under our domain, never
+    # in .status (the CRD's strict status schema would prune them).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # Silent watch stalls are Kopf's best-known failure: have the server end each watch and
+    # the client give up on a silent connection, so a stalled stream is reopened.
+    settings.watching.server_timeout = int(config.watch_timeout)
+    settings.watching.client_timeout = int(config.watch_timeout) + 60
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    # Watch only Tuneloop's pods, filtered by the server, not every pod of the cluster.
+    settings.watching.label_selectors["v1", "pods"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    # Bounded concurrency: a burst of 1,000 new jobs must not open 1,000 handler workers at once.
+    settings.batching.worker_limit = 64
+    # Kopf's own log lines become Events only from WARNING up; ours are posted explicitly.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "tuneloop-operator"
+    # One replica (Recreate), no peering objects needed; see deploy/README.md for more replicas.
+    settings.peering.standalone = True
+    settings.peering.mandatory = False
+
+
+def runtime_of(memo: Any) -> Runtime:
+    runtime = getattr(memo, "runtime", None)
+    if not isinstance(runtime, Runtime):
+        raise kopf.PermanentError("the operator has not started (no runtime)")
+    return runtime
+
+
+@kopf.on.startup(id="startup")
+async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    config = OperatorSettings.from_env()
+    configure(settings, config)
+    runtime = Runtime.create(config, KubeClient.from_environment())
+    if config.metrics_port:
+        runtime.metrics.serve(config.metrics_port)
+    task = asyncio.create_task(runtime.tick_forever())
+    runtime.tasks.add(task)
+    memo.runtime = runtime
+    log.info(
+        "tuneloop operator started: trainer image %s, namespaces %s, metrics :%s",
+        config.trainer_image,
+        ",".join(config.namespaces) or "all",
+        config.metrics_port or "off",
+    )
+
+
+@kopf.on.cleanup(id="cleanup")
+async def cleanup(*, memo: Any, **_: Any) -> None:
+    runtime = getattr(memo, "runtime", None)
+    if isinstance(runtime, Runtime):
+        for task in list(runtime.tasks):
+            task.cancel()
+        for handle in runtime.timers.values():
+            handle.cancel()
+        with contextlib.suppress(Exception):
+            runtime.kube.close()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="create")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="update")
+async def on_change(*, namespace: str | None, name: str, memo: Any, reason: str, **_: Any) -> None:
+    runtime = runtime_of(memo)
+    await runtime.reconcile((namespace or "default", name), str(reason), heartbeat=str(reason) == "resume")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="track")
+async def on_job_event(
+    *, namespace: str | None, name: str, status: kopf.Status, memo: Any, type: str, **_: Any
+) -> None:
+    """Keep the jobs-by-phase gauge and the set of active runs current (no API calls)."""
+    runtime = runtime_of(memo)
+    key = (namespace or "default", name)
+    if type == "DELETED":
+        runtime.forget(key)
+        return
+    seen: Mapping[str, Any] = status or {}
+    phase = seen.get("phase")
+    runtime.metrics.jobs.set(*key, phase if isinstance(phase, str) else None)
+    current = seen.get("currentRun")
+    if isinstance(current, Mapping) and not current.get("result"):
+        runtime.active.add(key)
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, id="pods")
+async def on_pod_event(*, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    job = labels.get(LABEL_JOB)
+    if job and namespace:
+        runtime_of(memo).trigger((namespace, job), "pod")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="delete")
+async def on_delete(*, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    runtime = runtime_of(memo)
+    key = (namespace or "default", name)
+    async with runtime.lock(key):
+        await runtime.delete_children(key, dict(body))
+
+
+__all__ = ["FineTuneJob", "Runtime", "configure"]

@@ -1,0 +1,934 @@
+"""Planning a reconcile: what the operator should do about one FineTuneJob. Pure.
+
+:func:`plan` takes everything observed about a job (its body, its pods and other children,
+the trainer's heartbeat, the time) and returns a :class:`Plan`: objects to create and delete,
+the new status, the events to post and when to look again. Every trigger (create, update,
+resume after an operator restart, a pod event, a timer) recomputes the same plan from the same
+observations, so a lost event or a restarted operator never loses track of a run.
+
+A *run* trains one version of the spec; it is carried out by one or more *attempts*, each a
+fresh set of pods (one per node) named ``<job>-r<run>-a<attempt>-n<rank>``. An attempt ends:
+
+- all pods ``Succeeded`` → the run succeeded;
+- a pod failed with a permanent exit code (:mod:`tuneloop.contract`) → the run failed, no retry;
+- a pod failed with a retryable code → retried after an exponential backoff, until more than
+  ``spec.backoffLimit`` failures → ``BackoffLimitExceeded``;
+- a pod was lost (deleted, evicted, preempted, its node lost) → a new attempt at once, which
+  resumes from the last checkpoint, counted apart and bounded by ``max_preemptions``;
+- ``spec.suspend`` → pods deleted; unsuspending starts a new attempt from the checkpoint;
+- ``spec.activeDeadlineSeconds`` passed (suspended time excluded) → ``DeadlineExceeded``.
+
+The pods of an attempt end together: when one fails, the others are deleted, and the next
+attempt starts only when no pod of an earlier attempt is still alive (two trainers never
+write to the same run prefix at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from tuneloop.api import ConditionType, FineTuneJob, Reason
+from tuneloop.api.spec import METRIC_OUTPUTS
+from tuneloop.api.status import (
+    MAX_ATTEMPT_HISTORY,
+    MAX_RUN_HISTORY,
+    Attempt,
+    AttemptCause,
+    CheckpointRef,
+    ConditionStatus,
+    CurrentRun,
+    FineTuneJobStatus,
+    RunRecord,
+    RunResult,
+    RunTrigger,
+    find_condition,
+)
+from tuneloop.contract import ExitCode, Heartbeat, is_retryable
+from tuneloop.validate import Problem, validate_manifest
+from tuneloop_operator.conditions import set_condition, with_phase
+from tuneloop_operator.render import (
+    LABEL_ATTEMPT,
+    LABEL_NODE_RANK,
+    LABEL_RUN,
+    Manifest,
+    names,
+    render_config_map,
+    render_pod,
+    render_service,
+)
+
+#: Spec fields that steer the lifecycle of runs, not what a run trains: changing them never
+#: starts a new run.
+LIFECYCLE_FIELDS: Final = frozenset(
+    {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "retrain"}
+)
+#: Container waiting reasons that mean a pod cannot start without someone acting.
+STUCK_WAITING_REASONS: Final = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+#: Pod ``status.reason`` values (and DisruptionTarget reasons) that mean the pod was taken
+#: away, not that the trainer failed.
+DISRUPTION_REASONS: Final = frozenset(
+    {
+        "Evicted",
+        "Preempted",
+        "NodeLost",
+        "Shutdown",
+        "NodeShutdown",
+        "Terminated",
+        "UnexpectedAdmissionError",
+        "PreemptionByScheduler",
+        "PreemptionByKubeScheduler",
+        "EvictionByEvictionAPI",
+        "DeletionByTaintManager",
+        "DeletionByPodGC",
+        "TerminationByKubelet",
+    }
+)
+PERMANENT_REASONS: Final[dict[int, str]] = {
+    ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
+    ExitCode.INVALID_DATA: Reason.INVALID_DATA,
+    ExitCode.UNSUPPORTED_MODEL: Reason.UNSUPPORTED_MODEL,
+    ExitCode.GATE_FAILED: Reason.GATE_FAILED,
+}
+MAX_EVENT_MESSAGE: Final = 1024
+MAX_ATTEMPT_MESSAGE: Final = 1024
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """Operator-wide knobs of planning (see :mod:`tuneloop_operator.settings`)."""
+
+    trainer_image: str
+    """Trainer image for jobs that do not name one."""
+    backoff_base_seconds: float = 10.0
+    """Delay before the first retry; it doubles with each further failure (as Kubernetes Jobs do)."""
+    backoff_max_seconds: float = 360.0
+    """Longest delay between retries."""
+    max_preemptions: int = 20
+    """Attempts a run may lose to preemption before it fails (a flapping node cannot loop forever)."""
+    metrics_port: int = 9400
+    """Port of the trainer's Prometheus endpoint."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post about the job."""
+
+    type: str
+    """``Normal`` or ``Warning``."""
+    reason: str
+    """A :class:`~tuneloop.api.Reason` constant."""
+    message: str
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A child object to delete."""
+
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass
+class Plan:
+    """What to do. The executor deletes, then creates (in order), then patches the status
+    (only if it differs from the observed one), then posts the events."""
+
+    status: FineTuneJobStatus
+    create: list[Manifest] = field(default_factory=list)
+    delete: list[ObjectRef] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    """Seconds after which the job must be looked at again even if nothing happens (a backoff
+    or a deadline expiring, a pod still terminating)."""
+    started_run: int | None = None
+    """The number of the run this plan starts, if any (for metrics)."""
+    finished: tuple[str, str] | None = None
+    """``(result, reason)`` of the run this plan ends, if any (for metrics)."""
+    retried: bool = False
+    """This plan schedules a retry after a retryable failure."""
+    preempted: bool = False
+    """This plan replaces an attempt lost to preemption."""
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the planner needs to know about one trainer pod."""
+
+    name: str
+    run: int
+    attempt: int
+    rank: int
+    phase: str
+    deleting: bool
+    exit_code: int | None = None
+    termination_message: str = ""
+    disruption: str | None = None
+    """Why the pod was taken away (a DisruptionTarget condition or a disruption status reason)."""
+    stuck: str | None = None
+    """Why the pod cannot start, in the pod's own words."""
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def alive(self) -> bool:
+        """The process may still run (or start): not finished."""
+        return not self.terminal
+
+    @classmethod
+    def from_manifest(cls, pod: Mapping[str, Any]) -> PodView | None:
+        """The view of a pod the operator made (None for a pod without Tuneloop's labels)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        try:
+            run, attempt, rank = int(labels[LABEL_RUN]), int(labels[LABEL_ATTEMPT]), int(labels[LABEL_NODE_RANK])
+        except (KeyError, TypeError, ValueError):
+            return None
+        status = pod.get("status") or {}
+        phase = str(status.get("phase") or "Pending")
+        exit_code: int | None = None
+        message = ""
+        stuck: str | None = None
+        for cs in status.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            terminated = state.get("terminated")
+            if terminated:
+                code = terminated.get("exitCode")
+                if isinstance(code, int) and (exit_code is None or exit_code == 0):
+                    exit_code = code
+                    message = str(terminated.get("message") or "")
+            waiting = state.get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING_REASONS:
+                detail = str(waiting.get("message") or "").strip()
+                stuck = f"{waiting['reason']}" + (f": {detail}" if detail else "")
+        disruption: str | None = None
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and stuck is None:
+                why = str(cond.get("reason") or "Unschedulable")
+                detail = str(cond.get("message") or "").strip()
+                stuck = why + (f": {detail}" if detail else "")
+            if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+                disruption = str(cond.get("reason") or "DisruptionTarget")
+        pod_reason = status.get("reason")
+        if pod_reason in DISRUPTION_REASONS:
+            disruption = str(pod_reason)
+        if phase == "Unknown":
+            disruption = disruption or "NodeLost"
+        return cls(
+            name=str(meta.get("name")),
+            run=run,
+            attempt=attempt,
+            rank=rank,
+            phase=phase,
+            deleting=bool(meta.get("deletionTimestamp")),
+            exit_code=exit_code,
+            termination_message=message,
+            disruption=disruption,
+            stuck=stuck if phase == "Pending" else None,
+        )
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the planner looks at."""
+
+    body: Mapping[str, Any]
+    """The FineTuneJob as the API server has it."""
+    now: datetime
+    pods: Sequence[Mapping[str, Any]] = ()
+    """Pods labelled with the job's name."""
+    config_maps: Sequence[Mapping[str, Any]] = ()
+    """ConfigMaps labelled with the job's name."""
+    services: Sequence[Mapping[str, Any]] = ()
+    """Services labelled with the job's name."""
+    heartbeat: Heartbeat | None = None
+    """The current run's heartbeat, when it was read."""
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def parse_status(raw: Any) -> FineTuneJobStatus:
+    """The stored status; an unreadable one (written by another version) starts afresh."""
+    if not isinstance(raw, Mapping):
+        return FineTuneJobStatus()
+    try:
+        return FineTuneJobStatus.model_validate(raw)
+    except ValidationError:
+        return FineTuneJobStatus()
+
+
+def parse_job(body: Mapping[str, Any]) -> tuple[FineTuneJob | None, list[Problem]]:
+    """The job validated by the same models the CLI and the trainer use (status left out)."""
+    meta = dict(body.get("metadata") or {})
+    manifest = {k: body.get(k) for k in ("apiVersion", "kind", "spec")} | {"metadata": meta}
+    return validate_manifest(manifest)
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    """Hash of what a run trains: the spec without :data:`LIFECYCLE_FIELDS`."""
+    wire = {k: v for k, v in job.spec.to_wire().items() if k not in LIFECYCLE_FIELDS}
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def owner_of(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+    }
+
+
+def backoff_seconds(failures: int, settings: PlannerSettings) -> float:
+    """Delay before the retry after the ``failures``-th failure: base · 2^(failures-1), capped."""
+    return float(min(settings.backoff_max_seconds, settings.backoff_base_seconds * 2 ** max(0, failures - 1)))
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split()) if "\n" not in text.strip() else text.strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_summary(message: str) -> dict[str, Any]:
+    """The trainer's termination message as a dict (empty when it is not the JSON summary)."""
+    try:
+        value = json.loads(message)
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def headline_metric(job: FineTuneJob, metrics: Mapping[str, float]) -> str | None:
+    """``name=value`` of the metric a user looks at first: the first gate's, else the task's
+    first metric, else the evaluation loss."""
+    candidates = [g.metric for g in job.spec.promotion.gates]
+    candidates += [METRIC_OUTPUTS[f][0] for f in job.spec.metric_families()]
+    candidates.append("eval_loss")
+    for name in candidates:
+        value = metrics.get(name)
+        if isinstance(value, int | float) and math.isfinite(value):
+            return f"{name}={value:.4g}"
+    return None
+
+
+def _float_metrics(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in raw.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def _child_run(obj: Mapping[str, Any]) -> int | None:
+    try:
+        return int(((obj.get("metadata") or {}).get("labels") or {})[LABEL_RUN])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# --- the planner -------------------------------------------------------------------------
+
+
+class _Planner:
+    """One planning pass. Builds the plan step by step; :func:`plan` is its only entry."""
+
+    def __init__(self, observed: Observed, settings: PlannerSettings) -> None:
+        self.obs = observed
+        self.settings = settings
+        self.now = observed.now
+        meta = observed.body.get("metadata") or {}
+        self.name = str(meta.get("name"))
+        self.generation = int(meta.get("generation") or 0)
+        self.old = parse_status(observed.body.get("status"))
+        self.status = self.old.model_copy(deep=True)
+        self.plan = Plan(status=self.status)
+        self.pods = [v for v in (PodView.from_manifest(p) for p in observed.pods) if v is not None]
+        self.owner = owner_of(observed.body)
+
+    # -- conditions and events --
+
+    def cond(self, type_: str, status: ConditionStatus, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions, type_, status, reason, message, generation=self.generation, at=self.now
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, _short(message, MAX_EVENT_MESSAGE)))
+
+    def cond_changed(self, type_: str) -> bool:
+        """Whether this pass changed the condition's status, reason or message."""
+        before = find_condition(self.old.conditions, type_)
+        after = find_condition(self.status.conditions, type_)
+        if after is None:
+            return False
+        return before is None or (before.status, before.reason, before.message) != (
+            after.status,
+            after.reason,
+            after.message,
+        )
+
+    # -- children --
+
+    def delete_pod(self, pod: PodView) -> None:
+        if not pod.deleting:
+            self.plan.delete.append(ObjectRef("v1", "Pod", pod.name))
+
+    def run_pods(self, run: int) -> list[PodView]:
+        return [p for p in self.pods if p.run == run]
+
+    def render_attempt(self, job: FineTuneJob, run: int, attempt: int, *, with_config: bool) -> list[Manifest]:
+        out: list[Manifest] = []
+        child = names(self.name, run, attempt)
+        existing_cms = {str((c.get("metadata") or {}).get("name")) for c in self.obs.config_maps}
+        existing_svcs = {str((s.get("metadata") or {}).get("name")) for s in self.obs.services}
+        if with_config or child.config_map not in existing_cms:
+            out.append(render_config_map(job, run, self.owner))
+        if job.spec.resources.nodes > 1 and child.service not in existing_svcs:
+            out.append(render_service(job, run, self.owner))
+        out += [
+            render_pod(
+                job,
+                run,
+                attempt,
+                rank,
+                image=self.settings.trainer_image,
+                owner=self.owner,
+                metrics_port=self.settings.metrics_port,
+            )
+            for rank in range(job.spec.resources.nodes)
+        ]
+        return out
+
+    # -- entry --
+
+    def run(self) -> Plan:
+        job, problems = parse_job(self.obs.body)
+        if job is None:
+            self.invalid_spec(problems)
+        else:
+            self.reconcile(job)
+        self.status.observed_generation = self.generation
+        self.plan.status = with_phase(self.status)
+        return self.plan
+
+    def invalid_spec(self, problems: list[Problem]) -> None:
+        """Report, create nothing, delete nothing: pods of an active run keep running and are
+        picked up again once the spec is fixed."""
+        listed = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        message = f"FineTuneJob {self.name} is invalid: {listed}{more}"
+        self.cond(ConditionType.FAILED, "True", Reason.INVALID_SPEC, message)
+        self.cond(ConditionType.READY, "False", Reason.INVALID_SPEC, "the spec is invalid; fix it to train")
+        active = self.status.current_run is not None and self.status.current_run.result is None
+        if not active:
+            self.cond(ConditionType.RUNNING, "False", Reason.INVALID_SPEC, "no pod is created for an invalid spec")
+        if self.cond_changed(ConditionType.FAILED):
+            self.event("Warning", Reason.INVALID_SPEC, message)
+
+    def reconcile(self, job: FineTuneJob) -> None:
+        failed = find_condition(self.status.conditions, ConditionType.FAILED)
+        if failed is not None and failed.reason == Reason.INVALID_SPEC:
+            # The spec was fixed: the Failed condition tells about the latest run again.
+            last = self.status.current_run
+            if last is not None and last.result is not None and last.result != "Succeeded":
+                self.cond(ConditionType.FAILED, "True", last.reason or "Failed", "the latest run failed")
+            else:
+                self.cond(ConditionType.FAILED, "False", Reason.NO_RUN, "the spec is valid")
+        self.track_spec_change(job)
+        current = self.status.current_run
+        if current is None or current.result is not None:
+            if job.spec.suspend:
+                self.suspended_idle()
+                return
+            if self.status.current_run is None or self.wants_new_run(job, self.status.current_run):
+                self.start_run(job)
+                return
+            suspended = find_condition(self.status.conditions, ConditionType.SUSPENDED)
+            if suspended is not None and suspended.status == "True":
+                self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
+            self.cleanup_finished(job)
+            return
+        self.cleanup_finished(job, keep=current.number)
+        if job.spec.suspend:
+            self.suspend(job, current)
+            return
+        if current.suspended_since is not None:
+            self.resume(current)
+        self.advance(job, current)
+
+    # -- spec changes --
+
+    def wants_new_run(self, job: FineTuneJob, last: CurrentRun) -> bool:
+        return job.spec.retrain.on_spec_change and last.spec_hash != spec_hash(job)
+
+    def track_spec_change(self, job: FineTuneJob) -> None:
+        current = self.status.current_run
+        seen = self.status.observed_generation
+        if current is None or current.result is not None or seen is None or seen == self.generation:
+            return
+        if current.spec_hash == spec_hash(job):
+            return  # lifecycle fields only (suspend, deadlines...): no new run
+        if job.spec.retrain.on_spec_change:
+            self.event(
+                "Normal",
+                Reason.SPEC_CHANGED,
+                f"generation {self.generation} will be trained by the next run, after run {current.number} ends",
+            )
+        else:
+            self.event(
+                "Normal",
+                Reason.SPEC_CHANGED,
+                f"generation {self.generation} observed; retrain.onSpecChange is false, so no new run starts",
+            )
+
+    # -- starting --
+
+    def start_run(self, job: FineTuneJob) -> None:
+        last = self.status.current_run
+        number = 1 if last is None else last.number + 1
+        trigger: RunTrigger = "Created" if last is None else "SpecChange"
+        child = names(self.name, number, 1)
+        pods = [child.pod(r) for r in range(job.spec.resources.nodes)]
+        self.plan.create += self.render_attempt(job, number, 1, with_config=True)
+        self.status.current_run = CurrentRun(
+            number=number,
+            trigger=trigger,
+            pods=pods,
+            start_time=self.now,
+            attempts=1,
+            generation=self.generation,
+            spec_hash=spec_hash(job),
+            history=[Attempt(number=1, cause="Started", start_time=self.now)],
+        )
+        self.plan.started_run = number
+        what = "first run" if trigger == "Created" else f"spec generation {self.generation}"
+        created = f"run {number} ({what}): created {len(pods)} pod(s)"
+        self.cond(ConditionType.RUNNING, "True", Reason.POD_CREATED, created)
+        self.cond(ConditionType.COMPLETE, "False", Reason.RUN_STARTED, f"run {number} is in progress")
+        self.cond(ConditionType.FAILED, "False", Reason.RUN_STARTED, f"run {number} is in progress")
+        self.cond(ConditionType.DATA_VALID, "Unknown", Reason.RUN_STARTED, f"run {number} validates its data")
+        if find_condition(self.status.conditions, ConditionType.READY) is None:
+            self.cond(ConditionType.READY, "False", Reason.NO_RUN, "no run has finished yet")
+        if find_condition(self.status.conditions, ConditionType.SUSPENDED) is not None:
+            self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
+        self.event("Normal", Reason.RUN_STARTED, f"run {number} ({what}) started: pods {', '.join(pods)}")
+
+    def start_attempt(self, job: FineTuneJob, current: CurrentRun, cause: AttemptCause) -> None:
+        number = current.attempts + 1
+        child = names(self.name, current.number, number)
+        current.pods = [child.pod(r) for r in range(job.spec.resources.nodes)]
+        current.attempts = number
+        current.retry_after = None
+        self.push_attempt(current, Attempt(number=number, cause=cause, start_time=self.now))
+        self.plan.create += self.render_attempt(job, current.number, number, with_config=False)
+        self.cond(
+            ConditionType.RUNNING,
+            "True",
+            Reason.POD_CREATED,
+            f"run {current.number}, attempt {number} ({cause.lower()}): created {len(current.pods)} pod(s); "
+            f"resumes from the last checkpoint",
+        )
+
+    @staticmethod
+    def push_attempt(current: CurrentRun, attempt: Attempt) -> None:
+        current.history = [*current.history, attempt][-MAX_ATTEMPT_HISTORY:]
+
+    # -- the active run --
+
+    def open_attempt(self, current: CurrentRun) -> Attempt | None:
+        if current.history and current.history[-1].end_time is None and current.history[-1].number == current.attempts:
+            return current.history[-1]
+        return None
+
+    def close_attempt(self, current: CurrentRun, reason: str, message: str = "", exit_code: int | None = None) -> None:
+        attempt = self.open_attempt(current)
+        if attempt is None:
+            return
+        closed = attempt.model_copy(
+            update={
+                "end_time": self.now,
+                "reason": reason,
+                "exit_code": exit_code,
+                "message": _short(message, MAX_ATTEMPT_MESSAGE),
+            }
+        )
+        current.history = [*current.history[:-1], closed]
+        for pod in self.run_pods(current.number):
+            if pod.attempt == attempt.number and pod.alive:
+                self.delete_pod(pod)
+
+    def active_seconds(self, current: CurrentRun) -> float:
+        start = current.start_time or self.now
+        total = (self.now - start).total_seconds() - current.suspended_seconds
+        if current.suspended_since is not None:
+            total -= (self.now - current.suspended_since).total_seconds()
+        return max(0.0, total)
+
+    def advance(self, job: FineTuneJob, current: CurrentRun) -> None:
+        self.apply_heartbeat(current)
+        attempt = self.open_attempt(current)
+        if attempt is not None:
+            self.watch_attempt(job, current, attempt)
+            if current.result is not None:
+                return
+        deadline = job.spec.active_deadline_seconds
+        if deadline is not None:
+            left = deadline - self.active_seconds(current)
+            if left <= 0:
+                self.close_attempt(current, Reason.DEADLINE_EXCEEDED, "the run's active deadline passed")
+                self.finish(
+                    job,
+                    current,
+                    "Failed",
+                    Reason.DEADLINE_EXCEEDED,
+                    f"run {current.number} was active longer than spec.activeDeadlineSeconds ({deadline}s)",
+                )
+                return
+            self.plan.requeue(left)
+        if self.open_attempt(current) is None:
+            self.next_attempt(job, current)
+
+    def next_attempt(self, job: FineTuneJob, current: CurrentRun) -> None:
+        """Start the next attempt once its backoff is over and no earlier pod is alive."""
+        if current.retry_after is not None and self.now < current.retry_after:
+            self.plan.requeue((current.retry_after - self.now).total_seconds())
+            return
+        alive = [p for p in self.run_pods(current.number) if p.alive]
+        if alive:
+            for pod in alive:
+                self.delete_pod(pod)
+            waiting = ", ".join(p.name for p in alive)
+            self.cond(
+                ConditionType.RUNNING,
+                "True",
+                Reason.POD_PENDING,
+                f"run {current.number}: waiting for pod(s) {waiting} of the previous attempt to end",
+            )
+            self.plan.requeue(1.0)
+            return
+        previous = current.history[-1] if current.history else None
+        cause: AttemptCause = "Retry"
+        if previous is None:
+            cause = "Started"
+        elif previous.reason == Reason.PREEMPTED:
+            cause = "Preempted"
+        elif previous.reason == Reason.SUSPENDED:
+            cause = "Resumed"
+        self.start_attempt(job, current, cause)
+
+    def watch_attempt(self, job: FineTuneJob, current: CurrentRun, attempt: Attempt) -> None:
+        """Judge the open attempt by its pods."""
+        nodes = job.spec.resources.nodes
+        expected = {names(self.name, current.number, attempt.number).pod(r): r for r in range(nodes)}
+        by_name = {p.name: p for p in self.run_pods(current.number) if p.attempt == attempt.number}
+        pods = [by_name.get(name) for name in expected]
+        missing = [name for name, pod in zip(expected, pods, strict=True) if pod is None]
+        present = [p for p in pods if p is not None]
+        lost = [p for p in present if p.disruption is not None or (p.deleting and p.terminal)]
+        if missing or lost:
+            what = (
+                f"pod {missing[0]} was deleted"
+                if missing
+                else f"pod {lost[0].name} was {lost[0].disruption or 'deleted'}"
+            )
+            self.preempted(job, current, what)
+            return
+        failed = [p for p in present if p.phase == "Failed"]
+        if failed:
+            self.attempt_failed(job, current, failed[0])
+            return
+        if present and all(p.phase == "Succeeded" for p in present):
+            self.succeeded(job, current, present)
+            return
+        if any(p.deleting for p in present):
+            self.plan.requeue(1.0)  # someone is deleting a pod: see how it ends
+        stuck = [p for p in present if p.stuck]
+        if stuck:
+            pod = stuck[0]
+            self.cond(ConditionType.RUNNING, "True", Reason.POD_STUCK, f"pod {pod.name} cannot start: {pod.stuck}")
+            if self.cond_changed(ConditionType.RUNNING):
+                self.event("Warning", Reason.POD_STUCK, f"pod {pod.name} cannot start: {pod.stuck}")
+            return
+        if present and all(p.phase == "Running" for p in present):
+            self.running(current)
+        else:
+            pending = ", ".join(p.name for p in present if p.phase == "Pending")
+            self.cond(ConditionType.RUNNING, "True", Reason.POD_PENDING, f"waiting for pod(s) {pending} to start")
+
+    def running(self, current: CurrentRun) -> None:
+        beat = self.obs.heartbeat
+        phase = beat.phase if beat is not None and beat.run == current.number else ""
+        progress = current.progress
+        if phase == "evaluating":
+            self.cond(ConditionType.RUNNING, "True", Reason.EVALUATING, f"run {current.number} is evaluating")
+        else:
+            detail = ""
+            if progress is not None and progress.total_steps:
+                detail = f": step {progress.step}/{progress.total_steps}"
+            self.cond(ConditionType.RUNNING, "True", Reason.TRAINING, f"run {current.number} is training{detail}")
+        if phase in ("training", "evaluating", "uploading"):
+            self.data_valid()
+
+    def data_valid(self) -> None:
+        data = find_condition(self.status.conditions, ConditionType.DATA_VALID)
+        if data is None or data.status != "True":
+            self.cond(ConditionType.DATA_VALID, "True", Reason.DATA_VALIDATED, "the data passed validation")
+
+    def apply_heartbeat(self, current: CurrentRun) -> None:
+        beat = self.obs.heartbeat
+        if beat is None or beat.run != current.number:
+            return
+        current.progress = beat.progress()
+        if beat.last_checkpoint is not None:
+            current.last_checkpoint = CheckpointRef(step=beat.last_checkpoint.step, uri=beat.last_checkpoint.uri)
+
+    # -- endings of an attempt --
+
+    def preempted(self, job: FineTuneJob, current: CurrentRun, what: str) -> None:
+        self.close_attempt(current, Reason.PREEMPTED, what)
+        current.preemptions += 1
+        self.plan.preempted = True
+        if current.preemptions > self.settings.max_preemptions:
+            self.finish(
+                job,
+                current,
+                "Failed",
+                Reason.PREEMPTION_LIMIT_EXCEEDED,
+                f"run {current.number} lost {current.preemptions} attempts to preemption "
+                f"(the operator allows {self.settings.max_preemptions}); last: {what}",
+            )
+            return
+        self.event(
+            "Warning",
+            Reason.PREEMPTED,
+            f"run {current.number}, attempt {current.attempts}: {what}; a new attempt resumes from the last "
+            f"checkpoint (preemption {current.preemptions}, not counted against backoffLimit)",
+        )
+
+    def attempt_failed(self, job: FineTuneJob, current: CurrentRun, pod: PodView) -> None:
+        code = pod.exit_code if pod.exit_code is not None else 1
+        summary = parse_summary(pod.termination_message)
+        said = str(summary.get("message") or "") if summary else pod.termination_message
+        detail = f"pod {pod.name} exited with code {code}" + (f": {_short(said, 600)}" if said.strip() else "")
+        if not is_retryable(code):
+            reason = PERMANENT_REASONS.get(code, Reason.INVALID_CONFIG)
+            self.close_attempt(current, reason, detail, exit_code=code)
+            if reason == Reason.INVALID_DATA:
+                self.cond(ConditionType.DATA_VALID, "False", Reason.INVALID_DATA, _short(said or detail, 1000))
+            elif reason == Reason.GATE_FAILED:
+                self.data_valid()
+            result: RunResult = "GateFailed" if reason == Reason.GATE_FAILED else "Failed"
+            self.finish(job, current, result, reason, f"{detail} (permanent: not retried)", summary=summary)
+            return
+        self.close_attempt(current, Reason.TRAINER_FAILED, detail, exit_code=code)
+        current.failures += 1
+        limit = job.spec.backoff_limit
+        if current.failures > limit:
+            self.finish(
+                job,
+                current,
+                "Failed",
+                Reason.BACKOFF_LIMIT_EXCEEDED,
+                f"run {current.number} failed {current.failures} times (backoffLimit {limit}); last: {detail}",
+            )
+            return
+        delay = backoff_seconds(current.failures, self.settings)
+        current.retry_after = self.now + timedelta(seconds=delay)
+        self.plan.retried = True
+        self.plan.requeue(delay)
+        message = (
+            f"run {current.number}, attempt {current.attempts}: {detail}; retry {current.failures} of {limit} "
+            f"in {delay:.0f}s from the last checkpoint"
+        )
+        self.cond(ConditionType.RUNNING, "True", Reason.RETRYING, message)
+        self.event("Warning", Reason.RETRYING, message)
+
+    def succeeded(self, job: FineTuneJob, current: CurrentRun, pods: list[PodView]) -> None:
+        rank0 = min(pods, key=lambda p: p.rank)
+        summary = parse_summary(rank0.termination_message)
+        self.close_attempt(current, Reason.SUCCEEDED, "all pods succeeded", exit_code=0)
+        self.data_valid()
+        self.finish(job, current, "Succeeded", Reason.SUCCEEDED, "", summary=summary)
+
+    def finish(
+        self,
+        job: FineTuneJob,
+        current: CurrentRun,
+        result: RunResult,
+        reason: str,
+        message: str,
+        *,
+        summary: Mapping[str, Any] | None = None,
+    ) -> None:
+        """End the run: delete what still runs, record it, set the conditions, tell the user."""
+        for pod in self.run_pods(current.number):
+            if pod.alive:
+                self.delete_pod(pod)
+        summary = summary or {}
+        metrics = _float_metrics(summary.get("metrics"))
+        model_uri = summary.get("modelUri") if isinstance(summary.get("modelUri"), str) else None
+        fingerprint = summary.get("dataFingerprint") if isinstance(summary.get("dataFingerprint"), str) else None
+        current.result = result
+        current.reason = reason
+        current.completion_time = self.now
+        current.retry_after = None
+        record = RunRecord(
+            number=current.number,
+            trigger=current.trigger,
+            result=result,
+            reason=reason,
+            metrics=metrics,
+            model_uri=model_uri,
+            data_fingerprint=fingerprint[:128] if fingerprint else None,
+            start_time=current.start_time,
+            completion_time=self.now,
+            attempts=current.attempts,
+            preemptions=current.preemptions,
+            message=_short(message, 1024),
+        )
+        self.status.runs = [*(r for r in self.status.runs if r.number != current.number), record][-MAX_RUN_HISTORY:]
+        headline = headline_metric(job, metrics)
+        if headline is not None:
+            self.status.metric = headline
+        self.plan.finished = (result, reason)
+        if job.spec.ttl_seconds_after_finished is not None:
+            self.plan.requeue(job.spec.ttl_seconds_after_finished)
+        if self.wants_new_run(job, current):
+            self.plan.requeue(0.0)
+        if result == "Succeeded":
+            where = f"; model at {model_uri}" if model_uri else ""
+            text = f"run {current.number} succeeded{f' ({headline})' if headline else ''}{where}"
+            self.cond(ConditionType.RUNNING, "False", Reason.SUCCEEDED, text)
+            self.cond(ConditionType.COMPLETE, "True", Reason.SUCCEEDED, text)
+            self.cond(ConditionType.FAILED, "False", Reason.SUCCEEDED, text)
+            self.cond(ConditionType.READY, "True", Reason.SUCCEEDED, text)
+            self.event("Normal", Reason.SUCCEEDED, text)
+            return
+        text = f"run {current.number} failed ({reason}): {message}"
+        self.cond(ConditionType.RUNNING, "False", reason, text)
+        self.cond(ConditionType.COMPLETE, "False", reason, text)
+        self.cond(ConditionType.FAILED, "True", reason, text)
+        self.cond(ConditionType.READY, "False", reason, text)
+        self.event("Warning", reason, text)
+
+    # -- suspend --
+
+    def suspend(self, job: FineTuneJob, current: CurrentRun) -> None:
+        del job
+        if current.suspended_since is None:
+            current.suspended_since = self.now
+            self.close_attempt(current, Reason.SUSPENDED, "spec.suspend is true")
+            self.event(
+                "Normal",
+                Reason.SUSPENDED,
+                f"run {current.number} suspended: pods deleted, checkpoints kept; unsuspend to resume",
+            )
+        for pod in self.run_pods(current.number):
+            if pod.alive:
+                self.delete_pod(pod)
+        alive = [p.name for p in self.run_pods(current.number) if p.alive]
+        message = f"run {current.number} is suspended; it resumes from its last checkpoint when spec.suspend is false"
+        if alive:
+            message += f" (pods still stopping: {', '.join(alive)})"
+            self.plan.requeue(1.0)
+        self.cond(ConditionType.SUSPENDED, "True", Reason.SUSPENDED, message)
+        self.cond(ConditionType.RUNNING, "False", Reason.SUSPENDED, message)
+
+    def suspended_idle(self) -> None:
+        message = "spec.suspend is true: no run starts until it is false"
+        self.cond(ConditionType.SUSPENDED, "True", Reason.SUSPENDED, message)
+        if find_condition(self.status.conditions, ConditionType.RUNNING) is None:
+            self.cond(ConditionType.RUNNING, "False", Reason.SUSPENDED, message)
+
+    def resume(self, current: CurrentRun) -> None:
+        assert current.suspended_since is not None
+        current.suspended_seconds += max(0, int((self.now - current.suspended_since).total_seconds()))
+        current.suspended_since = None
+        self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
+        self.event("Normal", Reason.RESUMED, f"run {current.number} resumes from its last checkpoint")
+
+    # -- cleanup --
+
+    def cleanup_finished(self, job: FineTuneJob, keep: int | None = None) -> None:
+        """``ttlSecondsAfterFinished``: delete the pods, ConfigMaps and Services of finished runs
+        (never anything in S3)."""
+        ttl = job.spec.ttl_seconds_after_finished
+        if ttl is None:
+            return
+        finished = {r.number: r.completion_time for r in self.status.runs}
+        current = self.status.current_run
+        oldest_known = min(finished, default=0)
+        doomed: list[ObjectRef] = []
+        cleaned: set[int] = set()
+        kinds = (("v1", "Pod", self.obs.pods), ("v1", "ConfigMap", self.obs.config_maps))
+        for api_version, kind, objs in (*kinds, ("v1", "Service", self.obs.services)):
+            for obj in objs:
+                run = _child_run(obj)
+                meta = obj.get("metadata") or {}
+                if run is None or run == keep or meta.get("deletionTimestamp"):
+                    continue
+                done = finished.get(run)
+                if done is not None:
+                    left = ttl - (self.now - done).total_seconds()
+                elif current is not None and run < min(current.number, oldest_known or current.number):
+                    left = 0.0  # older than the bounded history: long finished
+                else:
+                    continue  # not known to have finished
+                if left > 0:
+                    self.plan.requeue(left)
+                    continue
+                doomed.append(ObjectRef(api_version, kind, str(meta.get("name"))))
+                cleaned.add(run)
+        if doomed:
+            self.plan.delete += doomed
+            self.event(
+                "Normal",
+                Reason.CLEANED_UP,
+                f"ttlSecondsAfterFinished ({ttl}s) passed: deleted the pods and ConfigMaps of run(s) "
+                f"{', '.join(map(str, sorted(cleaned)))}; checkpoints and models in {job.spec.output.uri} are kept",
+            )
+
+
+def plan(observed: Observed, settings: PlannerSettings) -> Plan:
+    """What to do about one FineTuneJob, given what was observed (see the module docstring)."""
+    return _Planner(observed, settings).run()
+
+
+def plan_deletion(body: Mapping[str, Any]) -> tuple[list[Event], str]:
+    """What to say when a job is deleted: its children go (owner references and the finalizer),
+    its S3 artifacts stay."""
+    spec = body.get("spec") or {}
+    uri = str((spec.get("output") or {}).get("uri") or "its output URI")
+    message = (
+        f"deleted; pods and ConfigMaps removed; checkpoints and models under {uri} are kept "
+        "(delete them there if unwanted)"
+    )
+    return [Event("Normal", Reason.ARTIFACTS_RETAINED, message)], uri

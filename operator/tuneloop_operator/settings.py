@@ -1,0 +1,88 @@
+"""The operator's configuration, from environment variables (set by the Deployment).
+
+Every variable has a safe default; a malformed value stops the operator at start with a
+message naming the variable, instead of surfacing later as a strange reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/tuneloop/trainer:0.1.0"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the operator cannot use."""
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number(env, name, default)
+    if value != int(value) or not 0 <= value <= 65535:
+        raise SettingsError(f"{name}={env.get(name)!r} is not a port number (0-65535; 0 disables)")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator is configured with."""
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    """``TUNELOOP_TRAINER_IMAGE``: trainer image for jobs that do not name one."""
+    namespaces: tuple[str, ...] = ()
+    """``TUNELOOP_NAMESPACES``: comma-separated namespaces to watch; empty = cluster-wide."""
+    metrics_port: int = 8080
+    """``TUNELOOP_METRICS_PORT``: the operator's Prometheus ``/metrics`` (0 disables)."""
+    health_port: int = 8081
+    """``TUNELOOP_HEALTH_PORT``: the liveness endpoint ``/healthz`` (0 disables)."""
+    reconcile_interval: float = 30.0
+    """``TUNELOOP_RECONCILE_INTERVAL``: seconds between the timer's looks at each job (heartbeat,
+    deadlines, TTL); pod events and changes of the job act at once."""
+    backoff_base_seconds: float = 10.0
+    """``TUNELOOP_BACKOFF_BASE_SECONDS``: delay before the first retry (doubles each time)."""
+    backoff_max_seconds: float = 360.0
+    """``TUNELOOP_BACKOFF_MAX_SECONDS``: longest delay between retries."""
+    max_preemptions: int = 20
+    """``TUNELOOP_MAX_PREEMPTIONS``: attempts a run may lose to preemption before it fails."""
+    trainer_metrics_port: int = 9400
+    """``TUNELOOP_TRAINER_METRICS_PORT``: the port trainer pods export metrics on."""
+    watch_timeout: float = 300.0
+    """``TUNELOOP_WATCH_TIMEOUT``: seconds before a watch is reopened even if it seems alive."""
+    log_level: str = "INFO"
+    """``TUNELOOP_LOG_LEVEL``."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        namespaces = tuple(n.strip() for n in env.get("TUNELOOP_NAMESPACES", "").split(",") if n.strip())
+        preemptions = _number(env, "TUNELOOP_MAX_PREEMPTIONS", 20)
+        if preemptions != int(preemptions):
+            raise SettingsError("TUNELOOP_MAX_PREEMPTIONS must be a whole number")
+        return cls(
+            trainer_image=env.get("TUNELOOP_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
+            namespaces=namespaces,
+            metrics_port=_port(env, "TUNELOOP_METRICS_PORT", 8080),
+            health_port=_port(env, "TUNELOOP_HEALTH_PORT", 8081),
+            reconcile_interval=_number(env, "TUNELOOP_RECONCILE_INTERVAL", 30.0, minimum=0.1),
+            backoff_base_seconds=_number(env, "TUNELOOP_BACKOFF_BASE_SECONDS", 10.0),
+            backoff_max_seconds=_number(env, "TUNELOOP_BACKOFF_MAX_SECONDS", 360.0),
+            max_preemptions=int(preemptions),
+            trainer_metrics_port=_port(env, "TUNELOOP_TRAINER_METRICS_PORT", 9400),
+            watch_timeout=_number(env, "TUNELOOP_WATCH_TIMEOUT", 300.0, minimum=1.0),
+            log_level=env.get("TUNELOOP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+        )
