@@ -4,4 +4,9 @@ import os
 # so it is set here, before any test module imports transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["tests.harness.s3", "tests.harness.model_fixtures", "tests.harness.k8s_fixtures"]
+pytest_plugins = [
+    "tests.harness.s3",
+    "tests.harness.model_fixtures",
+    "tests.harness.k8s_fixtures",
+    "tests.harness.kubelet_fixtures",
+]
