@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.harness.model_fixtures",
     "tests.harness.k8s_fixtures",
     "tests.harness.kubelet_fixtures",
+    "tests.harness.operator",
 ]

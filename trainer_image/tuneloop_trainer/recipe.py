@@ -158,6 +158,9 @@ class FineTuneRecipe:
         self.step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stopped_early = False
+        # Set by the SIGTERM handler, which is installed before setup(): a stop requested while
+        # the data is validated or the model loads must not be forgotten.
+        self.stop_requested = False
         self.base_forgetting_perplexity: float | None = None
         self.notes: list[str] = []
 
@@ -297,7 +300,6 @@ class FineTuneRecipe:
         )
         self.resume_epoch, self.resume_offset = 0, 0
         self.last_checkpoint_time = time.monotonic()
-        self.stop_requested = False
         self.last_selection_value: float | None = None
         self._pending_checkpoint: tuple[int, str] | None = None
 
@@ -446,6 +448,10 @@ class FineTuneRecipe:
     # --- training ---------------------------------------------------------------------
 
     def train(self) -> None:
+        if self.stop_requested:
+            # Asked to stop before the first step: nothing new to checkpoint; the next attempt
+            # resumes from wherever the last complete checkpoint is.
+            raise Interrupted(f"stopped on request before training (at step {self.step})")
         self.sinks.phase("training")
         acc = self.accelerator
         model = self.model

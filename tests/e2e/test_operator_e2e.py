@@ -1,0 +1,387 @@
+"""End to end: manifest → operator → pod → real trainer → S3 → status.
+
+Every test runs the real operator (``python -m tuneloop_operator``, a subprocess) against the
+API emulator, a local kubelet that runs the trainer pods as processes, and the moto S3 server.
+The trainer trains a tiny BERT on generated reviews; its pods reach S3 with credentials that
+exist only in a Secret (the pods get them by ``secretKeyRef``, the operator reads them to
+follow the heartbeat), and the Secret's value is a canary that must never show up elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.k8s_fixtures import K8sApi
+from tests.harness.kubelet import LocalKubelet
+from tests.harness.operator import OperatorProcess
+from tests.harness.s3 import S3Harness
+from tests.integration.test_trainer import rows_for, write_jsonl
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+API = "tuneloop.dev/v1alpha1"
+KIND = "FineTuneJob"
+NS = "default"
+SECRET = "s3-credentials"
+#: The Secret's value: it must reach the trainer's environment and nowhere else.
+CANARY = "canary-Zq8xv3Lr0tY7wPb2"
+
+
+@pytest.fixture
+def secret(k8s_api: K8sApi) -> None:
+    k8s_api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": SECRET, "namespace": NS},
+            "stringData": {"AWS_ACCESS_KEY_ID": "tuneloop-test", "AWS_SECRET_ACCESS_KEY": CANARY},
+        }
+    )
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "data" / "reviews.jsonl", rows_for("sequence-classification", "text", n=80))
+
+
+def kubelet_for(k8s_api: K8sApi, tmp_path: Path, step_delay: float = 0.0) -> LocalKubelet:
+    return LocalKubelet(
+        k8s_api,
+        tmp_path / "kubelet",
+        env_overrides={
+            "TUNELOOP_METRICS_PORT": "",  # several trainers share this host's ports
+            "TUNELOOP_FAULT_STEP_DELAY": str(step_delay),
+            "HF_HUB_OFFLINE": "1",
+            "TUNELOOP_LOG_LEVEL": "INFO",
+        },
+    )
+
+
+@pytest.fixture
+def kubelet(k8s_api: K8sApi, tmp_path: Path) -> Iterator[LocalKubelet]:
+    """Trainer steps slowed to 0.25 s, so that tests can act mid-run."""
+    with kubelet_for(k8s_api, tmp_path, step_delay=0.25) as kubelet:
+        yield kubelet
+    assert not kubelet.errors, kubelet.errors
+
+
+@dataclass
+class World:
+    """A cluster for one test: API, operator, kubelet, S3, a tiny model and data."""
+
+    k8s: K8sApi
+    operator: OperatorProcess
+    kubelet: LocalKubelet
+    s3: S3Harness
+    model_dir: Path
+    data: Path
+    tmp: Path
+
+    def job(self, name: str, *, data: Path | None = None, **spec: Any) -> dict[str, Any]:
+        return job_manifest(name, self.model_dir, data or self.data, self.s3, **spec)
+
+
+@pytest.fixture
+def world(request: pytest.FixtureRequest, secret: None, data: Path, tiny_model_dir: Any, tmp_path: Path) -> World:
+    del secret
+    get = request.getfixturevalue
+    return World(get("k8s_api"), get("operator"), get("kubelet"), get("s3"), tiny_model_dir("bert"), data, tmp_path)
+
+
+def job_manifest(name: str, model_dir: Path, data: Path, s3: S3Harness, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "task": "sequence-classification",
+        "model": {"uri": f"file://{model_dir}"},
+        "dataset": {"uri": f"file://{data}", "split": {"validation": 0.15, "test": 0.15}, "screening": {"pii": "off"}},
+        "method": {"type": "full"},
+        "hyperparameters": {"epochs": 3, "batchSize": 8, "maxSeqLength": 48, "learningRate": 5e-3, "seed": 1},
+        "output": {"uri": s3.uri(f"jobs/{name}/"), "checkpoint": {"everySteps": 2, "keep": 2}},
+        "storage": {"endpoint": s3.endpoint_url, "region": "us-east-1", "secretRef": {"name": SECRET}},
+        "resources": {"gpus": 0},
+        "backoffLimit": 2,
+    }
+    body.update(spec)
+    return {"apiVersion": API, "kind": KIND, "metadata": {"name": name, "namespace": NS}, "spec": body}
+
+
+def status_of(k8s_api: K8sApi, name: str) -> dict[str, Any]:
+    return dict((k8s_api.get(API, KIND, name, NS) or {}).get("status") or {})
+
+
+def wait_status(
+    k8s_api: K8sApi, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120.0, what: str = ""
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = status_of(k8s_api, name)
+        if predicate(status):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or 'a status'}; last status:\n{json.dumps(status, indent=1)}")
+
+
+def phase_is(*phases: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda s: s.get("phase") in phases
+
+
+def checkpointed(status: dict[str, Any]) -> bool:
+    return bool(((status.get("currentRun") or {}).get("lastCheckpoint") or {}).get("step"))
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def pods_of(k8s_api: K8sApi, name: str) -> list[str]:
+    pods = k8s_api.list("v1", "Pod", NS, label_selector=f"tuneloop.dev/job={name}")
+    return sorted(p["metadata"]["name"] for p in pods)
+
+
+def stopped(k8s_api: K8sApi, kubelet: LocalKubelet, pod: str) -> None:
+    """Wait until the pod is gone from the API and its process has ended."""
+    k8s_api.wait_for(
+        lambda: k8s_api.get("v1", "Pod", pod, NS) is None and (NS, pod) not in kubelet.processes,
+        timeout=30,
+        message=f"pod {pod} to be deleted and its process to end",
+    )
+
+
+def events_of(k8s_api: K8sApi, name: str) -> list[tuple[str, str, str]]:
+    events = [e for e in k8s_api.list("v1", "Event", NS) if (e.get("involvedObject") or {}).get("name") == name]
+    return [(e["type"], e["reason"], e["message"]) for e in events]
+
+
+# --- the proof --------------------------------------------------------------------------
+
+
+def test_a_job_trains_to_succeeded_with_its_model_in_s3_and_no_secret_anywhere(world: World) -> None:
+    k8s_api, operator, kubelet, s3 = world.k8s, world.operator, world.kubelet, world.s3
+    k8s_api.create(world.job("sentiment"))
+    running = wait_status(
+        k8s_api,
+        "sentiment",
+        lambda s: ((s.get("currentRun") or {}).get("progress") or {}).get("step", 0) > 0,
+        what="progress from the heartbeat",
+    )
+    progress = running["currentRun"]["progress"]
+    assert progress["totalSteps"] == 21 and progress["loss"] is not None
+    assert running["phase"] in ("Running", "Evaluating")
+
+    done = wait_status(k8s_api, "sentiment", phase_is("Succeeded", "Failed"), what="the end of the run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    run = done["currentRun"]
+    assert run["number"] == 1 and run["attempts"] == 1 and run["failures"] == 0 and run["result"] == "Succeeded"
+    record = done["runs"][-1]
+    assert record["result"] == "Succeeded"
+    assert record["modelUri"].rstrip("/") == s3.uri("jobs/sentiment/runs/1/model")
+    assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
+    assert done["metric"].startswith("accuracy=")
+    for type_, want in (("Complete", "True"), ("Ready", "True"), ("Failed", "False"), ("DataValid", "True")):
+        assert condition(done, type_)["status"] == want, type_
+    assert done["observedGeneration"] == 1
+
+    # The model loads from S3.
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = world.tmp / "downloaded"
+    s3.download("jobs/sentiment/runs/1/model/", model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert model.config.num_labels == 2
+
+    # kubectl shows the columns filled in.
+    table = k8s_api.kubectl("get", "ftj", "sentiment").stdout
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "RUN", "PROGRESS", "LOSS", "METRIC", "AGE"]
+    cells = row.split()
+    assert cells[1:3] == ["Succeeded", "1"] and cells[3] == "100" and cells[5] == done["metric"]
+
+    reasons = [r for _, r, _ in events_of(k8s_api, "sentiment")]
+    assert "RunStarted" in reasons and "Succeeded" in reasons
+
+    # Operator metrics.
+    assert operator.metric("tuneloop_operator_runs_started_total", {"trigger": "Created"}) == 1
+    assert operator.metric("tuneloop_operator_runs_succeeded_total") == 1
+    assert operator.metric("tuneloop_operator_jobs", {"phase": "Succeeded"}) == 1
+    assert operator.metric("tuneloop_operator_heartbeat_read_errors_total") == 0
+
+    # The canary: in the trainer's environment by reference only, nowhere the operator writes.
+    pod = k8s_api.get("v1", "Pod", "sentiment-r1-a1-n0", NS)
+    assert pod is not None
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": SECRET,
+        "key": "AWS_SECRET_ACCESS_KEY",
+        "optional": False,
+    }
+    job = k8s_api.get(API, KIND, "sentiment", NS)
+    places = {
+        "job (status, annotations)": json.dumps(job),
+        "events": json.dumps(k8s_api.list("v1", "Event", NS)),
+        "pods": json.dumps(k8s_api.list("v1", "Pod", NS)),
+        "configmaps": json.dumps(k8s_api.list("v1", "ConfigMap", NS)),
+        "operator log": operator.logs(),
+        "trainer log": kubelet.logs(NS, "sentiment-r1-a1-n0"),
+    }
+    assert "tuneloop.dev/last-handled-configuration" in job["metadata"]["annotations"]
+    leaks = [where for where, text in places.items() if CANARY in text]
+    assert leaks == []
+
+
+def test_preemption_resumes_from_the_checkpoint_without_using_the_backoff_limit(world: World) -> None:
+    k8s_api, operator, kubelet = world.k8s, world.operator, world.kubelet
+    k8s_api.create(world.job("preempt", backoffLimit=0))
+    mid = wait_status(k8s_api, "preempt", checkpointed, what="a complete checkpoint")
+    saved = mid["currentRun"]["lastCheckpoint"]["step"]
+    kubelet.evict(NS, "preempt-r1-a1-n0", reason="Preempted")
+
+    done = wait_status(k8s_api, "preempt", phase_is("Succeeded", "Failed"), what="the end of the run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    run = done["currentRun"]
+    assert run["preemptions"] == 1 and run["failures"] == 0  # backoffLimit 0 and still no failure
+    assert [(a["number"], a["cause"], a["reason"]) for a in run["history"]] == [
+        (1, "Started", "Preempted"),
+        (2, "Preempted", "Succeeded"),
+    ]
+    assert "PreemptionByScheduler" in run["history"][0]["message"]
+    log = kubelet.logs(NS, "preempt-r1-a2-n0")
+    assert "resumed from the checkpoint at step" in log
+    resumed_at = int(log.split("resumed from the checkpoint at step")[1].split()[0].strip(".,:;"))
+    assert resumed_at >= saved  # continued, not restarted
+    assert pods_of(k8s_api, "preempt") == ["preempt-r1-a1-n0", "preempt-r1-a2-n0"] or pods_of(k8s_api, "preempt") == [
+        "preempt-r1-a2-n0"
+    ]
+    assert any(r == "Preempted" for _, r, _ in events_of(k8s_api, "preempt"))
+    assert operator.metric("tuneloop_operator_preemptions_total") == 1
+    assert operator.metric("tuneloop_operator_retries_total") == 0
+
+
+def test_a_permanent_data_error_fails_once_without_retry(world: World) -> None:
+    k8s_api, operator = world.k8s, world.operator
+    bad = write_jsonl(world.tmp / "bad.jsonl", [{"text": f"row {i}", "label": "maybe"} for i in range(3)])
+    k8s_api.create(world.job("baddata", data=bad))
+    done = wait_status(k8s_api, "baddata", phase_is("Succeeded", "Failed"), what="the end of the run")
+    assert done["phase"] == "Failed"
+    failed = condition(done, "Failed")
+    assert failed["reason"] == "InvalidData" and "not retried" in failed["message"]
+    assert condition(done, "DataValid")["status"] == "False"
+    run = done["currentRun"]
+    assert run["attempts"] == 1 and run["history"][0]["exitCode"] == 11
+    time.sleep(2)  # several reconciles later: still one pod, no retry
+    assert pods_of(k8s_api, "baddata") == ["baddata-r1-a1-n0"]
+    assert operator.metric("tuneloop_operator_runs_failed_total", {"reason": "InvalidData"}) == 1
+
+
+def test_repeated_crashes_end_in_backoff_limit_exceeded(world: World) -> None:
+    k8s_api, operator, kubelet = world.k8s, world.operator, world.kubelet
+    k8s_api.create(world.job("crashy", backoffLimit=1))
+    for attempt in (1, 2):
+        pod = f"crashy-r1-a{attempt}-n0"
+        kubelet.wait_for_phase(NS, pod, "Running", timeout=60)
+        kubelet.kill(NS, pod, oom=True)  # an out-of-memory kill: retryable
+    done = wait_status(k8s_api, "crashy", phase_is("Failed", "Succeeded"), what="the end of the run")
+    assert done["phase"] == "Failed", json.dumps(done, indent=1)
+    assert condition(done, "Failed")["reason"] == "BackoffLimitExceeded"
+    run = done["currentRun"]
+    assert run["failures"] == 2 and run["attempts"] == 2
+    assert [(a["cause"], a["reason"], a["exitCode"]) for a in run["history"]] == [
+        ("Started", "TrainerFailed", 137),
+        ("Retry", "TrainerFailed", 137),
+    ]
+    assert pods_of(k8s_api, "crashy") == ["crashy-r1-a1-n0", "crashy-r1-a2-n0"]
+    assert operator.metric("tuneloop_operator_retries_total") == 1
+
+
+def test_the_active_deadline_fails_the_run_and_stops_its_pods(world: World) -> None:
+    k8s_api, kubelet = world.k8s, world.kubelet
+    k8s_api.create(world.job("slow", activeDeadlineSeconds=4))
+    done = wait_status(k8s_api, "slow", phase_is("Failed", "Succeeded"), what="the end of the run")
+    assert done["phase"] == "Failed"
+    assert condition(done, "Failed")["reason"] == "DeadlineExceeded"
+    stopped(k8s_api, kubelet, "slow-r1-a1-n0")  # deleted and its process stopped, not left running
+    assert done["currentRun"]["history"][-1]["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds (4s)" in condition(done, "Failed")["message"]
+
+
+def test_suspend_deletes_the_pods_and_resume_continues_from_the_checkpoint(world: World) -> None:
+    k8s_api, kubelet = world.k8s, world.kubelet
+    k8s_api.create(world.job("pausable", activeDeadlineSeconds=600))
+    wait_status(k8s_api, "pausable", checkpointed, what="a complete checkpoint")
+    k8s_api.patch(API, KIND, "pausable", {"spec": {"suspend": True}}, NS)
+    suspended = wait_status(k8s_api, "pausable", phase_is("Suspended"), what="Suspended")
+    assert condition(suspended, "Suspended")["status"] == "True"
+    stopped(k8s_api, kubelet, "pausable-r1-a1-n0")
+    assert "checkpoint saved" in kubelet.logs(NS, "pausable-r1-a1-n0")  # SIGTERM: one last checkpoint
+    time.sleep(1.5)
+    assert pods_of(k8s_api, "pausable") == []  # no new pod while suspended
+
+    k8s_api.patch(API, KIND, "pausable", {"spec": {"suspend": False}}, NS)
+    done = wait_status(k8s_api, "pausable", phase_is("Succeeded", "Failed"), what="the end of the run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    run = done["currentRun"]
+    assert run["number"] == 1  # the same run, not a new one
+    assert [(a["cause"], a["reason"]) for a in run["history"]] == [("Started", "Suspended"), ("Resumed", "Succeeded")]
+    assert run["suspendedSeconds"] >= 1 and run["failures"] == 0
+    assert condition(done, "Suspended")["status"] == "False"
+    assert "resumed from the checkpoint at step" in kubelet.logs(NS, "pausable-r1-a2-n0")
+
+
+def test_deleting_a_job_removes_its_pods_and_keeps_its_artifacts(world: World) -> None:
+    k8s_api, s3 = world.k8s, world.s3
+    k8s_api.create(world.job("doomed"))
+    wait_status(k8s_api, "doomed", checkpointed, what="a complete checkpoint")
+    k8s_api.delete(API, KIND, "doomed", NS)
+    k8s_api.wait_for(lambda: k8s_api.get(API, KIND, "doomed", NS) is None, timeout=30, message="the job to go")
+    k8s_api.wait_for(lambda: not pods_of(k8s_api, "doomed"), timeout=30, message="the pods to go")
+    assert not k8s_api.list("v1", "ConfigMap", NS, label_selector="tuneloop.dev/job=doomed")
+    retained = [m for _, r, m in events_of(k8s_api, "doomed") if r == "ArtifactsRetained"]
+    assert retained and s3.uri("jobs/doomed/") in retained[0]
+    assert any(k.startswith("jobs/doomed/runs/1/checkpoints/") for k in s3.list_keys("jobs/doomed/"))
+
+
+def test_an_operator_killed_mid_run_comes_back_without_twins(world: World) -> None:
+    k8s_api, operator = world.k8s, world.operator
+    k8s_api.create(world.job("sturdy"))
+    wait_status(k8s_api, "sturdy", checkpointed, what="a complete checkpoint")
+    operator.kill()
+    time.sleep(1)
+    operator.start()
+    done = wait_status(k8s_api, "sturdy", phase_is("Succeeded", "Failed"), what="the end of the run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    assert pods_of(k8s_api, "sturdy") == ["sturdy-r1-a1-n0"]  # no duplicate pod
+    assert done["currentRun"]["attempts"] == 1
+    assert len([r for _, r, _ in events_of(k8s_api, "sturdy") if r == "RunStarted"]) == 1
+
+
+def test_an_invalid_spec_creates_no_pod_and_says_which_field(world: World) -> None:
+    k8s_api = world.k8s
+    # A gate on a metric the task does not compute: the CRD schema cannot see it, the operator does.
+    manifest = world.job("invalid", promotion={"gates": [{"metric": "rouge1", "min": 0.2}]})
+    k8s_api.create(manifest)
+    status = wait_status(k8s_api, "invalid", phase_is("Failed"), timeout=30, what="Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.promotion.gates[0].metric" in failed["message"]
+    time.sleep(1.5)
+    assert pods_of(k8s_api, "invalid") == []
+    warnings = [(t, r) for t, r, _ in events_of(k8s_api, "invalid")]
+    assert warnings == [("Warning", "InvalidSpec")]
+
+
+def test_a_pod_that_cannot_pull_its_image_is_reported_with_the_pods_reason(world: World) -> None:
+    k8s_api = world.k8s
+    manifest = world.job("pull")
+    manifest["spec"]["resources"]["image"] = "registry.example/does-not-exist:1"
+    k8s_api.create(manifest)
+    status = wait_status(
+        k8s_api, "pull", lambda s: condition(s, "Running").get("reason") == "PodStuck", timeout=30, what="PodStuck"
+    )
+    message = condition(status, "Running")["message"]
+    assert "pull-r1-a1-n0" in message and ("ErrImagePull" in message or "ImagePullBackOff" in message)
