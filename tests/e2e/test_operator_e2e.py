@@ -263,10 +263,10 @@ def test_preemption_resumes_from_the_checkpoint_without_using_the_backoff_limit(
     assert operator.metric("tuneloop_operator_retries_total") == 0
 
 
-def test_a_permanent_data_error_fails_once_without_retry(world: World) -> None:
+def test_a_permanent_data_error_fails_once_without_retry_and_is_cleaned_up_after_its_ttl(world: World) -> None:
     k8s_api, operator = world.k8s, world.operator
     bad = write_jsonl(world.tmp / "bad.jsonl", [{"text": f"row {i}", "label": "maybe"} for i in range(3)])
-    k8s_api.create(world.job("baddata", data=bad))
+    k8s_api.create(world.job("baddata", data=bad, ttlSecondsAfterFinished=2))
     done = wait_status(k8s_api, "baddata", phase_is("Succeeded", "Failed"), what="the end of the run")
     assert done["phase"] == "Failed"
     failed = condition(done, "Failed")
@@ -274,8 +274,17 @@ def test_a_permanent_data_error_fails_once_without_retry(world: World) -> None:
     assert condition(done, "DataValid")["status"] == "False"
     run = done["currentRun"]
     assert run["attempts"] == 1 and run["history"][0]["exitCode"] == 11
-    time.sleep(2)  # several reconciles later: still one pod, no retry
-    assert pods_of(k8s_api, "baddata") == ["baddata-r1-a1-n0"]
+    assert pods_of(k8s_api, "baddata") == ["baddata-r1-a1-n0"]  # kept for `kubectl logs` until the TTL
+    # ttlSecondsAfterFinished: the pod and the ConfigMap go, what is in S3 stays.
+    k8s_api.wait_for(lambda: not pods_of(k8s_api, "baddata"), timeout=30, message="the TTL cleanup")
+    assert not k8s_api.list("v1", "ConfigMap", NS, label_selector="tuneloop.dev/job=baddata")
+    cleaned = [m for _, r, m in events_of(k8s_api, "baddata") if r == "CleanedUp"]
+    assert len(cleaned) == 1 and "are kept" in cleaned[0]
+    assert world.s3.list_keys("jobs/baddata/runs/1/")  # the validation report is still there
+    time.sleep(1.5)  # several reconciles later: no retry, nothing new
+    assert pods_of(k8s_api, "baddata") == []
+    after = status_of(k8s_api, "baddata")
+    assert after["currentRun"]["attempts"] == 1 and after["phase"] == "Failed"
     assert operator.metric("tuneloop_operator_runs_failed_total", {"reason": "InvalidData"}) == 1
 
 
@@ -385,3 +394,10 @@ def test_a_pod_that_cannot_pull_its_image_is_reported_with_the_pods_reason(world
     )
     message = condition(status, "Running")["message"]
     assert "pull-r1-a1-n0" in message and ("ErrImagePull" in message or "ImagePullBackOff" in message)
+    # The ticker looks at the job every 0.5 s; with nothing new, the status is not written again.
+    k8s_api.wait_for(lambda: "ImagePullBackOff" in condition(status_of(k8s_api, "pull"), "Running")["message"])
+    version = (k8s_api.get(API, KIND, "pull", NS) or {})["metadata"]["resourceVersion"]
+    time.sleep(2)
+    assert (k8s_api.get(API, KIND, "pull", NS) or {})["metadata"]["resourceVersion"] == version
+    stuck_events = [m for _, r, m in events_of(k8s_api, "pull") if r == "PodStuck"]
+    assert 1 <= len(stuck_events) <= 2  # one per distinct message (ErrImagePull, then ImagePullBackOff)
