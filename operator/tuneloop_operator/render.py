@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from tuneloop.api import API_VERSION, KIND, FineTuneJob
-from tuneloop.contract import TERMINATION_MESSAGE_PATH
+from tuneloop.contract import TERMINATION_MESSAGE_PATH, Layout
+from tuneloop.storage import safe_join
 
 Manifest = dict[str, Any]
 
@@ -229,6 +230,8 @@ def _pod_env(job: FineTuneJob, run: int, attempt: int, node_rank: int, metrics_p
         _env("TUNELOOP_JOB_NAME", job.metadata.name),
         _env("TUNELOOP_RUN", str(run)),
         _env("TUNELOOP_OUTPUT_URI", spec.output.uri),
+        # Where this run writes (checkpoints, heartbeat, model): for people and tools reading the pod.
+        _env("TUNELOOP_RUN_URI", safe_join(spec.output.uri, Layout.run(run))),
         _env("TUNELOOP_WORK_DIR", WORK_DIR),
         _env("TUNELOOP_CACHE_DIR", CACHE_DIR),
         _env("TUNELOOP_METRICS_PORT", str(metrics_port)),

@@ -237,6 +237,7 @@ def test_single_node_pod_runs_the_trainer_with_its_contract() -> None:
     env = env_of(pod)
     assert env["TUNELOOP_RUN"]["value"] == "3"
     assert env["TUNELOOP_OUTPUT_URI"]["value"] == "s3://model-bucket/out/"
+    assert env["TUNELOOP_RUN_URI"]["value"] == "s3://model-bucket/out/runs/3"  # the run's own prefix
     assert env["TUNELOOP_WORK_DIR"]["value"] == "/scratch/work"
     assert env["TUNELOOP_CACHE_DIR"]["value"] == "/scratch/cache"
     assert env["HF_HOME"]["value"] == "/scratch/hf"
