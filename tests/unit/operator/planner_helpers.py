@@ -1,0 +1,238 @@
+"""A simulated cluster for the planner tests: one FineTuneJob, its children, a kubelet and a
+fake clock. Pure Python, no API server: :class:`World` applies a :class:`~tuneloop_operator.planner.Plan`
+the way the operator's executor and the API server would, and lets a test change pods the way
+a kubelet (or a scheduler, an eviction, a lost node) would."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.manifests import minimal_job
+from tuneloop.api.status import Condition, FineTuneJobStatus, find_condition
+from tuneloop.contract import Heartbeat
+from tuneloop_operator.conditions import status_patch
+from tuneloop_operator.planner import Event, Observed, Plan, PlannerSettings, parse_status, plan
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+IMAGE = "ghcr.io/tuneloop/trainer:0.1.0"
+UID = "0b7f6c1e-5d2a-4c1b-9e3f-1a2b3c4d5e6f"
+TERMINAL = ("Succeeded", "Failed")
+
+Manifest = dict[str, Any]
+
+
+def job_manifest(name: str = "job", **spec: Any) -> Manifest:
+    """``minimal_job`` with top-level spec fields set (camelCase keys, as in a manifest)."""
+    m = minimal_job(name=name)
+    m["spec"].update(copy.deepcopy(spec))
+    return m
+
+
+def ts(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class World:
+    """One job, its children and a clock. :meth:`reconcile` plans and carries the plan out."""
+
+    def __init__(
+        self,
+        manifest: Manifest | None = None,
+        *,
+        settings: PlannerSettings | None = None,
+        now: datetime = T0,
+        graceful_deletes: bool = False,
+    ) -> None:
+        self.body: Manifest = copy.deepcopy(manifest if manifest is not None else job_manifest())
+        meta = self.body.setdefault("metadata", {})
+        meta.setdefault("uid", UID)
+        meta.setdefault("generation", 1)
+        self.settings = settings or PlannerSettings(trainer_image=IMAGE)
+        self.now = now
+        self.graceful_deletes = graceful_deletes
+        """Deleted pods keep running with a deletionTimestamp until :meth:`finish_deletion`."""
+        self.pods: dict[str, Manifest] = {}
+        self.config_maps: dict[str, Manifest] = {}
+        self.services: dict[str, Manifest] = {}
+        self.heartbeat: Heartbeat | None = None
+        self.events: list[Event] = []
+        """Every event posted so far."""
+        self.created: list[str] = []
+        """``Kind/name`` of everything created so far, in order."""
+        self.deleted: list[str] = []
+        """``Kind/name`` of everything the plans deleted so far, in order."""
+        self.patches = 0
+        """Status patches sent so far (only on change)."""
+        self.last_plan: Plan | None = None
+
+    # -- the operator's side --
+
+    def observed(self) -> Observed:
+        return Observed(
+            body=copy.deepcopy(self.body),
+            now=self.now,
+            pods=[copy.deepcopy(p) for p in self.pods.values()],
+            config_maps=[copy.deepcopy(c) for c in self.config_maps.values()],
+            services=[copy.deepcopy(s) for s in self.services.values()],
+            heartbeat=self.heartbeat,
+        )
+
+    def plan(self) -> Plan:
+        """Plan without carrying the plan out."""
+        return plan(self.observed(), self.settings)
+
+    def reconcile(self) -> Plan:
+        """Plan, then carry it out as the executor does: delete, create, patch status, post events."""
+        the_plan = self.plan()
+        self.apply(the_plan)
+        return the_plan
+
+    def apply(self, the_plan: Plan) -> None:
+        for ref in the_plan.delete:
+            self.deleted.append(f"{ref.kind}/{ref.name}")
+            if ref.kind == "Pod":
+                pod = self.pods.get(ref.name)
+                if pod is None:
+                    continue
+                if self.graceful_deletes and pod.get("status", {}).get("phase") not in TERMINAL:
+                    pod["metadata"]["deletionTimestamp"] = ts(self.now)
+                else:
+                    del self.pods[ref.name]
+            elif ref.kind == "ConfigMap":
+                self.config_maps.pop(ref.name, None)
+            elif ref.kind == "Service":
+                self.services.pop(ref.name, None)
+        for obj in the_plan.create:
+            name = obj["metadata"]["name"]
+            store = {"Pod": self.pods, "ConfigMap": self.config_maps, "Service": self.services}[obj["kind"]]
+            if name in store:  # the API server answers 409; the executor retries later
+                continue
+            created = copy.deepcopy(obj)
+            created["metadata"]["creationTimestamp"] = ts(self.now)
+            if obj["kind"] == "Pod":
+                created["status"] = {"phase": "Pending"}
+            store[name] = created
+            self.created.append(f"{obj['kind']}/{name}")
+        old = parse_status(self.body.get("status"))
+        if status_patch(old, the_plan.status) is not None:
+            self.body["status"] = the_plan.status.to_wire()
+            self.patches += 1
+        self.events += the_plan.events
+        self.last_plan = the_plan
+
+    # -- the user's side --
+
+    def edit_spec(self, change: Callable[[Manifest], None]) -> None:
+        """``kubectl edit``: change the spec; the API server bumps ``metadata.generation``."""
+        before = copy.deepcopy(self.body["spec"])
+        change(self.body["spec"])
+        if self.body["spec"] != before:
+            self.body["metadata"]["generation"] += 1
+
+    def set_spec(self, **fields: Any) -> None:
+        def change(spec: Manifest) -> None:
+            spec.update(copy.deepcopy(fields))
+
+        self.edit_spec(change)
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    # -- the kubelet's side --
+
+    def pod(self, name: str) -> Manifest:
+        return self.pods[name]
+
+    def _status(self, name: str) -> Manifest:
+        status: Manifest = self.pods[name].setdefault("status", {})
+        return status
+
+    def start(self, *names: str) -> None:
+        """Pods scheduled, container running."""
+        for name in names or tuple(self.alive_pods()):
+            status = self._status(name)
+            status["phase"] = "Running"
+            status["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+            status["containerStatuses"] = [{"name": "trainer", "state": {"running": {"startedAt": ts(self.now)}}}]
+
+    def terminate(self, name: str, exit_code: int, message: str = "", *, reason: str | None = None) -> None:
+        """The trainer exited: ``Succeeded`` for 0, else ``Failed``, with the termination message."""
+        status = self._status(name)
+        status["phase"] = "Succeeded" if exit_code == 0 else "Failed"
+        terminated: Manifest = {"exitCode": exit_code, "finishedAt": ts(self.now)}
+        if message:
+            terminated["message"] = message
+        terminated["reason"] = reason or ("Completed" if exit_code == 0 else "Error")
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+
+    def succeed(self, name: str, message: str = "") -> None:
+        self.terminate(name, 0, message)
+
+    def fail(self, name: str, exit_code: int = 1, message: str = "") -> None:
+        self.terminate(name, exit_code, message)
+
+    def disrupt(self, name: str, reason: str = "PreemptionByScheduler", *, exit_code: int = 143) -> None:
+        """The pod was preempted: a DisruptionTarget condition, then killed by SIGTERM."""
+        self.terminate(name, exit_code)
+        status = self._status(name)
+        status["conditions"] = [
+            *status.get("conditions", []),
+            {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "preempted"},
+        ]
+
+    def evict(self, name: str, reason: str = "Evicted") -> None:
+        """The kubelet evicted the pod (node pressure) or its node was lost."""
+        status = self._status(name)
+        status["phase"] = "Failed"
+        status["reason"] = reason
+        status["message"] = f"The node was low on resource: memory. ({reason})"
+
+    def lose_node(self, name: str) -> None:
+        """The node stopped reporting: the pod's phase becomes Unknown."""
+        self._status(name)["phase"] = "Unknown"
+
+    def remove(self, name: str) -> None:
+        """The pod is gone (deleted by someone, garbage-collected with its node)."""
+        del self.pods[name]
+
+    def finish_deletion(self, *names: str) -> None:
+        """Pods being deleted are gone now."""
+        for name in names or [n for n, p in self.pods.items() if p["metadata"].get("deletionTimestamp")]:
+            self.pods.pop(name, None)
+
+    def wait(self, name: str, reason: str, message: str = "") -> None:
+        """The container cannot start: ``waiting`` with a reason (ImagePullBackOff...)."""
+        status = self._status(name)
+        status["phase"] = "Pending"
+        waiting: Manifest = {"reason": reason}
+        if message:
+            waiting["message"] = message
+        status["containerStatuses"] = [{"name": "trainer", "state": {"waiting": waiting}}]
+
+    def unschedulable(self, name: str, message: str) -> None:
+        status = self._status(name)
+        status["phase"] = "Pending"
+        scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        status["conditions"] = [scheduled]
+
+    # -- reading --
+
+    @property
+    def status(self) -> FineTuneJobStatus:
+        return parse_status(self.body.get("status"))
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.phase
+
+    def condition(self, type_: str) -> Condition:
+        cond = find_condition(self.status.conditions, type_)
+        assert cond is not None, f"no {type_} condition in {self.body.get('status')}"
+        return cond
+
+    def alive_pods(self) -> list[str]:
+        """Pods not terminal, sorted by name."""
+        return sorted(n for n, p in self.pods.items() if p.get("status", {}).get("phase") not in TERMINAL)
