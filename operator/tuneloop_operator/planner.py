@@ -108,6 +108,7 @@ PERMANENT_REASONS: Final[dict[int, str]] = {
     ExitCode.GATE_FAILED: Reason.GATE_FAILED,
 }
 MAX_EVENT_MESSAGE: Final = 1024
+MAX_URI: Final = 2048
 MAX_ATTEMPT_MESSAGE: Final = 1024
 
 
@@ -189,6 +190,13 @@ class PodView:
     """Why the pod was taken away (a DisruptionTarget condition or a disruption status reason)."""
     stuck: str | None = None
     """Why the pod cannot start, in the pod's own words."""
+    detail: str = ""
+    """The pod's own ``status.reason: status.message``, when it has one."""
+
+    @property
+    def permanent_exit(self) -> bool:
+        """The trainer ended with a permanent exit code (see :mod:`tuneloop.contract`)."""
+        return self.exit_code is not None and not is_retryable(self.exit_code)
 
     @property
     def terminal(self) -> bool:
@@ -238,6 +246,7 @@ class PodView:
             disruption = str(pod_reason)
         if phase == "Unknown":
             disruption = disruption or "NodeLost"
+        detail = ": ".join(str(x) for x in (pod_reason, status.get("message")) if x)
         return cls(
             name=str(meta.get("name")),
             run=run,
@@ -249,6 +258,7 @@ class PodView:
             termination_message=message,
             disruption=disruption,
             stuck=stuck if phase == "Pending" else None,
+            detail=detail,
         )
 
 
@@ -372,6 +382,7 @@ class _Planner:
         self.plan = Plan(status=self.status)
         self.pods = [v for v in (PodView.from_manifest(p) for p in observed.pods) if v is not None]
         self.owner = owner_of(observed.body)
+        self.resumed = False
 
     # -- conditions and events --
 
@@ -398,8 +409,9 @@ class _Planner:
     # -- children --
 
     def delete_pod(self, pod: PodView) -> None:
-        if not pod.deleting:
-            self.plan.delete.append(ObjectRef("v1", "Pod", pod.name))
+        ref = ObjectRef("v1", "Pod", pod.name)
+        if not pod.deleting and ref not in self.plan.delete:
+            self.plan.delete.append(ref)
 
     def run_pods(self, run: int) -> list[PodView]:
         return [p for p in self.pods if p.run == run]
@@ -463,6 +475,7 @@ class _Planner:
             else:
                 self.cond(ConditionType.FAILED, "False", Reason.NO_RUN, "the spec is valid")
         self.track_spec_change(job)
+        self.adopt_orphans(job)
         current = self.status.current_run
         if current is None or current.result is not None:
             if job.spec.suspend:
@@ -483,6 +496,44 @@ class _Planner:
         if current.suspended_since is not None:
             self.resume(current)
         self.advance(job, current)
+
+    # -- a status that lost track of its runs --
+
+    def adopt_orphans(self, job: FineTuneJob) -> None:
+        """Pods of a run newer than the status knows (the status was lost, or written before the
+        operator died between creating pods and recording them): adopt that run if its pods are
+        alive, else record it as ended, so that run numbers (and S3 prefixes) are never reused."""
+        newest = max((p.run for p in self.pods), default=0)
+        known = self.status.current_run.number if self.status.current_run is not None else 0
+        if newest <= known:
+            return
+        pods = self.run_pods(newest)
+        attempt = max(p.attempt for p in pods)
+        alive = [p for p in pods if p.attempt == attempt and p.alive]
+        trigger: RunTrigger = "Created" if newest == 1 else "SpecChange"
+        run = CurrentRun(
+            number=newest,
+            trigger=trigger,
+            pods=sorted(p.name for p in pods if p.attempt == attempt),
+            start_time=self.now,
+            attempts=attempt,
+            generation=self.generation,
+            spec_hash=spec_hash(job),
+            history=[Attempt(number=attempt, cause="Started", start_time=self.now)],
+        )
+        if alive:
+            self.status.current_run = run
+            self.event("Normal", Reason.RUN_STARTED, f"found run {newest}'s pods (attempt {attempt}) and follows them")
+            return
+        run.history = [run.history[0].model_copy(update={"end_time": self.now, "reason": "Unknown"})]
+        run.result, run.reason, run.completion_time = "Cancelled", "Unknown", self.now
+        run.spec_hash = None  # unknown: the next run trains the current spec
+        self.status.current_run = run
+        self.event(
+            "Warning",
+            Reason.RUN_STARTED,
+            f"run {newest} ended while its status was not recorded; the next run is {newest + 1}",
+        )
 
     # -- spec changes --
 
@@ -529,6 +580,8 @@ class _Planner:
             history=[Attempt(number=1, cause="Started", start_time=self.now)],
         )
         self.plan.started_run = number
+        if job.spec.active_deadline_seconds is not None:
+            self.plan.requeue(job.spec.active_deadline_seconds)
         what = "first run" if trigger == "Created" else f"spec generation {self.generation}"
         created = f"run {number} ({what}): created {len(pods)} pod(s)"
         self.cond(ConditionType.RUNNING, "True", Reason.POD_CREATED, created)
@@ -640,7 +693,7 @@ class _Planner:
             cause = "Started"
         elif previous.reason == Reason.PREEMPTED:
             cause = "Preempted"
-        elif previous.reason == Reason.SUSPENDED:
+        elif previous.reason == Reason.SUSPENDED or self.resumed:
             cause = "Resumed"
         self.start_attempt(job, current, cause)
 
@@ -652,6 +705,15 @@ class _Planner:
         pods = [by_name.get(name) for name in expected]
         missing = [name for name, pod in zip(expected, pods, strict=True) if pod is None]
         present = [p for p in pods if p is not None]
+        # What the trainer said wins over how its pod went away: a pod that finished (exit 0, or a
+        # permanent code) and was deleted afterwards (a drain, kubectl delete) still ended the run.
+        permanent = [p for p in present if p.phase == "Failed" and p.permanent_exit]
+        if permanent:
+            self.attempt_failed(job, current, min(permanent, key=lambda p: p.rank))
+            return
+        if not missing and present and all(p.phase == "Succeeded" for p in present):
+            self.succeeded(job, current, present)
+            return
         lost = [p for p in present if p.disruption is not None or (p.deleting and p.terminal)]
         if missing or lost:
             what = (
@@ -663,22 +725,21 @@ class _Planner:
             return
         failed = [p for p in present if p.phase == "Failed"]
         if failed:
-            self.attempt_failed(job, current, failed[0])
-            return
-        if present and all(p.phase == "Succeeded" for p in present):
-            self.succeeded(job, current, present)
+            self.attempt_failed(job, current, min(failed, key=lambda p: p.rank))
             return
         if any(p.deleting for p in present):
             self.plan.requeue(1.0)  # someone is deleting a pod: see how it ends
         stuck = [p for p in present if p.stuck]
         if stuck:
             pod = stuck[0]
+            before = find_condition(self.old.conditions, ConditionType.RUNNING)
             self.cond(ConditionType.RUNNING, "True", Reason.POD_STUCK, f"pod {pod.name} cannot start: {pod.stuck}")
-            if self.cond_changed(ConditionType.RUNNING):
+            if before is None or before.reason != Reason.POD_STUCK:
+                # One event when it gets stuck, not one per message change (ErrImagePull ↔ ImagePullBackOff).
                 self.event("Warning", Reason.POD_STUCK, f"pod {pod.name} cannot start: {pod.stuck}")
             return
-        if present and all(p.phase == "Running" for p in present):
-            self.running(current)
+        if present and all(p.phase in ("Running", "Succeeded") for p in present):
+            self.running(current)  # every rank started (some may already be done)
         else:
             pending = ", ".join(p.name for p in present if p.phase == "Pending")
             self.cond(ConditionType.RUNNING, "True", Reason.POD_PENDING, f"waiting for pod(s) {pending} to start")
@@ -734,11 +795,16 @@ class _Planner:
         )
 
     def attempt_failed(self, job: FineTuneJob, current: CurrentRun, pod: PodView) -> None:
-        code = pod.exit_code if pod.exit_code is not None else 1
         summary = parse_summary(pod.termination_message)
         said = str(summary.get("message") or "") if summary else pod.termination_message
-        detail = f"pod {pod.name} exited with code {code}" + (f": {_short(said, 600)}" if said.strip() else "")
-        if not is_retryable(code):
+        if pod.exit_code is None:
+            # Failed before (or without) a container exit: rejected by the kubelet, say. Retryable.
+            code = None
+            detail = f"pod {pod.name} failed before its trainer ran" + (f": {pod.detail}" if pod.detail else "")
+        else:
+            code = pod.exit_code
+            detail = f"pod {pod.name} exited with code {code}" + (f": {_short(said, 600)}" if said.strip() else "")
+        if code is not None and not is_retryable(code):
             reason = PERMANENT_REASONS.get(code, Reason.INVALID_CONFIG)
             self.close_attempt(current, reason, detail, exit_code=code)
             if reason == Reason.INVALID_DATA:
@@ -795,6 +861,8 @@ class _Planner:
         summary = summary or {}
         metrics = _float_metrics(summary.get("metrics"))
         model_uri = summary.get("modelUri") if isinstance(summary.get("modelUri"), str) else None
+        if model_uri is not None and len(model_uri) > MAX_URI:
+            model_uri = None  # a cut URI would point elsewhere; the model card in S3 still has it
         fingerprint = summary.get("dataFingerprint") if isinstance(summary.get("dataFingerprint"), str) else None
         current.result = result
         current.reason = reason
@@ -872,6 +940,7 @@ class _Planner:
         assert current.suspended_since is not None
         current.suspended_seconds += max(0, int((self.now - current.suspended_since).total_seconds()))
         current.suspended_since = None
+        self.resumed = True
         self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
         self.event("Normal", Reason.RESUMED, f"run {current.number} resumes from its last checkpoint")
 

@@ -251,6 +251,8 @@ def _cond(type_: str, status: str, reason: str = "X") -> Condition:
     [
         ([], "Pending"),
         ([_cond("Running", "True"), _cond("DataValid", "Unknown")], "Validating"),
+        ([_cond("Running", "True", Reason.POD_CREATED), _cond("DataValid", "Unknown")], "Pending"),
+        ([_cond("Running", "True", Reason.POD_STUCK), _cond("DataValid", "True")], "Pending"),
         ([_cond("Running", "True"), _cond("DataValid", "True")], "Running"),
         ([_cond("Running", "True", Reason.EVALUATING)], "Evaluating"),
         ([_cond("Running", "False"), _cond("Complete", "True")], "Succeeded"),

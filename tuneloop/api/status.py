@@ -307,6 +307,8 @@ def derive_phase(conditions: list[Condition]) -> Phase:
     if failed is not None and failed.status == "True":
         return "Failed"
     if running is not None and running.status == "True":
+        if running.reason in (Reason.POD_CREATED, Reason.POD_PENDING, Reason.POD_STUCK):
+            return "Pending"  # pods exist but the trainer is not running yet (scheduling, image pull)
         if running.reason == Reason.EVALUATING:
             return "Evaluating"
         if data is not None and data.status == "Unknown":
