@@ -256,6 +256,30 @@ def _pod_env(job: FineTuneJob, run: int, attempt: int, node_rank: int, metrics_p
     return env
 
 
+def trainer_command(job: FineTuneJob, run: int, attempt: int, node_rank: int) -> list[str]:
+    """The trainer's command line. One process per pod for one GPU (or the CPU); otherwise
+    torchrun (through ``tuneloop_trainer.launch``, which keeps the exit-code contract) with one
+    process per GPU, ranks spread over the nodes, rendezvous at pod 0. The arguments are
+    literal (no ``$(VAR)`` expansion to go wrong); the same values are in the environment."""
+    trainer = ["-m", "tuneloop_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    res = job.spec.resources
+    if res.nodes == 1 and res.gpus <= 1:
+        return ["python", *trainer]
+    master = master_addr(job, run, attempt) if res.nodes > 1 else "127.0.0.1"
+    return [
+        "python",
+        "-m",
+        "tuneloop_trainer.launch",
+        f"--nnodes={res.nodes}",
+        f"--nproc-per-node={max(1, res.gpus)}",
+        f"--node-rank={node_rank}",
+        f"--master-addr={master}",
+        f"--master-port={MASTER_PORT}",
+        "--max-restarts=0",  # retries are the operator's: it resumes from the checkpoint
+        *trainer,
+    ]
+
+
 def _resources(job: FineTuneJob) -> Manifest:
     res = job.spec.resources
     amounts: dict[str, str] = {}
@@ -311,7 +335,7 @@ def render_pod(
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": res.image or image,
-        "command": ["python", "-m", "tuneloop_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "command": trainer_command(job, run, attempt, node_rank),
         "env": _pod_env(job, run, attempt, node_rank, metrics_port),
         "ports": ports,
         "resources": _resources(job),

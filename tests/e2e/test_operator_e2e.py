@@ -401,3 +401,21 @@ def test_a_pod_that_cannot_pull_its_image_is_reported_with_the_pods_reason(world
     assert (k8s_api.get(API, KIND, "pull", NS) or {})["metadata"]["resourceVersion"] == version
     stuck_events = [m for _, r, m in events_of(k8s_api, "pull") if r == "PodStuck"]
     assert 1 <= len(stuck_events) <= 2  # one per distinct message (ErrImagePull, then ImagePullBackOff)
+
+
+def test_a_two_node_run_trains_as_one_and_is_retried_as_one(world: World) -> None:
+    k8s_api, kubelet = world.k8s, world.kubelet
+    manifest = world.job("duo", backoffLimit=1)
+    manifest["spec"]["resources"] = {"gpus": 0, "nodes": 2}
+    k8s_api.create(manifest)
+    k8s_api.wait_for(lambda: k8s_api.get("v1", "Service", "duo-r1", NS), message="the headless Service")
+    wait_status(k8s_api, "duo", checkpointed, timeout=180, what="a complete checkpoint")
+    kubelet.kill(NS, "duo-r1-a1-n1")  # one rank crashes: the whole attempt is retried
+    done = wait_status(k8s_api, "duo", phase_is("Succeeded", "Failed"), timeout=240, what="the end of the run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    run = done["currentRun"]
+    assert run["failures"] == 1 and run["attempts"] == 2
+    assert run["history"][0]["reason"] == "TrainerFailed" and run["history"][1]["cause"] == "Retry"
+    assert sorted(run["pods"]) == ["duo-r1-a2-n0", "duo-r1-a2-n1"]
+    assert "resumed from the checkpoint at step" in kubelet.logs(NS, "duo-r1-a2-n0")
+    assert done["runs"][-1]["metrics"]["accuracy"] >= 0.0

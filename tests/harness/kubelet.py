@@ -198,6 +198,24 @@ def rewrite_path(value: str, mounts: list[tuple[str, Path]]) -> str:
     return value
 
 
+#: A cluster DNS name of a Service or of a pod behind a headless Service (``a.b.ns.svc``).
+_CLUSTER_DNS = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?\.?$")
+
+
+def resolve_cluster_dns(value: str) -> str:
+    """``value`` with a cluster DNS name (whole, or after ``--flag=``) replaced by 127.0.0.1.
+
+    Every pod of this node runs on this host, so every Service and pod name resolves here: the
+    local kubelet's stand-in for cluster DNS (it does not check that the Service exists).
+    """
+    if _CLUSTER_DNS.match(value):
+        return "127.0.0.1"
+    key, sep, rest = value.partition("=")
+    if sep and _CLUSTER_DNS.match(rest):
+        return f"{key}=127.0.0.1"
+    return value
+
+
 class _NotReady(Exception):
     """The container cannot start yet: its waiting ``reason`` and ``message``; retried each poll."""
 
@@ -917,7 +935,10 @@ class LocalKubelet:
                 "CreateContainerError",
                 "the container has no command (the local kubelet cannot run an image's entrypoint)",
             )
-        argv = [rewrite_path(expand_var_refs(a, env), mounts) for a in [*command, *(container.get("args") or [])]]
+        argv = [
+            resolve_cluster_dns(rewrite_path(expand_var_refs(a, env), mounts))
+            for a in [*command, *(container.get("args") or [])]
+        ]
         if _PYTHON_NAME.fullmatch(Path(argv[0]).name):
             argv[0] = self.python
         return argv
@@ -931,7 +952,7 @@ class LocalKubelet:
             "HOME": str(run.directory),
             "HOSTNAME": str(spec.get("hostname") or run.name),
         }
-        full |= {key: rewrite_path(value, mounts) for key, value in env.items()}
+        full |= {key: resolve_cluster_dns(rewrite_path(value, mounts)) for key, value in env.items()}
         tmp = dict(mounts).get("/tmp")
         if tmp is not None and "TMPDIR" not in env:
             full["TMPDIR"] = str(tmp)

@@ -571,3 +571,12 @@ def test_the_node_is_registered(k8s_api: K8sApi, tmp_path: Path) -> None:
     assert node["metadata"]["labels"]["kubernetes.io/hostname"] == "gpu-1"
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "4"
     assert condition(node, "Ready")["status"] == "True"  # type: ignore[index]
+
+
+def test_cluster_dns_names_resolve_to_this_host() -> None:
+    from tests.harness.kubelet import resolve_cluster_dns
+
+    assert resolve_cluster_dns("job-r1-a1-n0.job-r1.ml.svc") == "127.0.0.1"
+    assert resolve_cluster_dns("--master-addr=job-r1-a1-n0.job-r1.ml.svc.cluster.local") == "--master-addr=127.0.0.1"
+    assert resolve_cluster_dns("s3.amazonaws.com") == "s3.amazonaws.com"
+    assert resolve_cluster_dns("--x=/etc/svc") == "--x=/etc/svc"

@@ -309,6 +309,37 @@ def test_two_node_pods_find_pod_zero_through_the_headless_service() -> None:
         render_pod(job, run, attempt, 2, image=IMAGE, owner=owner_of(job))
 
 
+def test_distributed_pods_start_one_trainer_per_gpu_through_the_launcher() -> None:
+    job = two_node_job()  # 2 nodes x 8 GPUs
+    pods = [render_pod(job, 4, 1, rank, image=IMAGE, owner=owner_of(job)) for rank in range(2)]
+    master = env_of(pods[0])["MASTER_ADDR"]["value"]
+    for rank, pod in enumerate(pods):
+        assert pod["spec"]["containers"][0]["command"] == [
+            "python",
+            "-m",
+            "tuneloop_trainer.launch",
+            "--nnodes=2",
+            "--nproc-per-node=8",
+            f"--node-rank={rank}",
+            f"--master-addr={master}",
+            "--master-port=29500",
+            "--max-restarts=0",
+            "-m",
+            "tuneloop_trainer",
+            "--config",
+            "/etc/tuneloop/job.json",
+        ]
+    one_node_four_gpus = FineTuneJob.model_validate(
+        single_node_job().model_dump(by_alias=True)
+        | {"spec": single_node_job().spec.to_wire() | {"resources": {"gpus": 4}}}
+    )
+    command = render_pod(one_node_four_gpus, 1, 1, 0, image=IMAGE, owner=owner_of(job))["spec"]["containers"][0][
+        "command"
+    ]
+    assert command[2] == "tuneloop_trainer.launch" and "--nproc-per-node=4" in command
+    assert "--master-addr=127.0.0.1" in command
+
+
 def test_config_map_holds_the_validated_job_and_nothing_else() -> None:
     manifest = minimal_job(name="review-sentiment")
     manifest["metadata"] |= {"labels": {"team": "ml"}, "uid": "abc", "resourceVersion": "7"}
