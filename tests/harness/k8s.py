@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import aiohttp.web
 import attrs
@@ -854,6 +854,10 @@ def _decode_protobuf(body: bytes) -> Obj:
 # --------------------------------------------------------------------------------------------
 # Time, names, printing.
 # --------------------------------------------------------------------------------------------
+
+
+#: Metadata fields whose change can give the garbage collector or a cleanup controller work.
+_GC_FIELDS: Final = ("ownerReferences", "finalizers", "deletionTimestamp")
 
 
 def _now() -> str:
@@ -1854,7 +1858,8 @@ class KubernetesApiEmulator(kmock.KubernetesEmulator):
         self._emit(rd, "ADDED", obj, None)
         if is_crd:
             self._register_crd(obj)
-        self._collect_garbage()
+        if obj["metadata"].get("ownerReferences"):
+            self._collect_garbage()  # an owner may already be gone; nothing else changes on a create
         return obj, warnings
 
     @staticmethod
@@ -2073,7 +2078,10 @@ class KubernetesApiEmulator(kmock.KubernetesEmulator):
         if params.get("dryRun") == "All":
             return new, warnings
         result = self._commit_update(rd, current, new)
-        self._collect_garbage()
+        if any(current["metadata"].get(k) != result["metadata"].get(k) for k in _GC_FIELDS):
+            # Only owners, finalizers and deletion steer the collectors: skipping them on status
+            # and annotation writes keeps each write O(1) instead of a sweep of every object.
+            self._collect_garbage()
         return result, warnings
 
     def _check_immutable(self, rd: ResourceDef, current: Obj, new: Obj) -> None:
