@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import kopf
 
-from tuneloop.api import GROUP, PLURAL, VERSION, FineTuneJob
+from tuneloop.api import GROUP, PLURAL, VERSION
 from tuneloop.api.status import FineTuneJobStatus
 from tuneloop.contract import Heartbeat
 from tuneloop_operator.conditions import status_patch
@@ -124,8 +124,10 @@ class Runtime:
             await self.reconcile(key, why, heartbeat=heartbeat, queued=True)
         except Exception as exc:  # a background reconcile must not die silently
             self.metrics.reconcile_errors.inc()
-            log.warning("reconcile of %s/%s (%s) failed, retrying in %.0fs: %s", *key, why, RETRY_DELAY, exc)
-            self.schedule(key, RETRY_DELAY)
+            # The delay a RetryLater asks for (30 s when the API server refused a pod: one event per try).
+            delay = float(getattr(exc, "delay", None) or RETRY_DELAY)
+            log.warning("reconcile of %s/%s (%s) failed, retrying in %.0fs: %s", *key, why, delay, exc)
+            self.schedule(key, delay)
 
     def schedule(self, key: Key, delay: float) -> None:
         """Reconcile ``key`` after ``delay`` seconds (the earliest request wins)."""
@@ -388,6 +390,3 @@ async def on_delete(*, namespace: str | None, name: str, body: kopf.Body, memo: 
     key = (namespace or "default", name)
     async with runtime.lock(key):
         await runtime.delete_children(key, dict(body))
-
-
-__all__ = ["FineTuneJob", "Runtime", "configure"]
