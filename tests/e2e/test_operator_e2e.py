@@ -419,3 +419,26 @@ def test_a_two_node_run_trains_as_one_and_is_retried_as_one(world: World) -> Non
     assert sorted(run["pods"]) == ["duo-r1-a2-n0", "duo-r1-a2-n1"]
     assert "resumed from the checkpoint at step" in kubelet.logs(NS, "duo-r1-a2-n0")
     assert done["runs"][-1]["metrics"]["accuracy"] >= 0.0
+
+
+def test_a_pod_the_api_server_refuses_is_reported_and_retried_slowly(
+    k8s_api: K8sApi, operator: OperatorProcess, tiny_model_dir: Any, data: Path, s3: S3Harness
+) -> None:
+    # An admission refusal (quota, policy) of every pod create: an event says so, the job is not
+    # marked as started, and the operator does not hammer the API server.
+    def refuse() -> None:
+        k8s_api.emulator["post", "/api/v1/namespaces/default/pods"] << 403
+
+    k8s_api.call(refuse)
+    k8s_api.create(job_manifest("refused", tiny_model_dir("bert"), data, s3))
+    k8s_api.wait_for(
+        lambda: [m for _, r, m in events_of(k8s_api, "refused") if r == "PodCreateFailed"],
+        timeout=30,
+        message="a PodCreateFailed event",
+    )
+    (_, _, message), *more = [e for e in events_of(k8s_api, "refused") if e[1] == "PodCreateFailed"]
+    assert "refused Pod refused-r1-a1-n0" in message
+    time.sleep(3)
+    assert len([e for e in events_of(k8s_api, "refused") if e[1] == "PodCreateFailed"]) == 1  # retried after 30 s
+    assert "currentRun" not in status_of(k8s_api, "refused")  # nothing recorded as started
+    assert not more
