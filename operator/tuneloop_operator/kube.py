@@ -159,12 +159,10 @@ class KubeClient:
             raise
         return True
 
-    async def delete(self, namespace: str, kind: str, name: str, *, background: bool = True) -> bool:
-        """Delete a core object; False when it was already gone."""
+    async def delete(self, namespace: str, kind: str, name: str) -> bool:
+        """Delete a core object (background propagation); False when it was already gone."""
         options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
-        result = await self.request(
-            "DELETE", self.core_path(namespace, kind, name), body=options if background else None
-        )
+        result = await self.request("DELETE", self.core_path(namespace, kind, name), body=options)
         return result is not None
 
     async def patch_job_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:

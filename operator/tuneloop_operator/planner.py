@@ -416,12 +416,13 @@ class _Planner:
     def run_pods(self, run: int) -> list[PodView]:
         return [p for p in self.pods if p.run == run]
 
-    def render_attempt(self, job: FineTuneJob, run: int, attempt: int, *, with_config: bool) -> list[Manifest]:
+    def render_attempt(self, job: FineTuneJob, run: int, attempt: int) -> list[Manifest]:
+        """The attempt's pods, plus the run's ConfigMap and Service unless they exist."""
         out: list[Manifest] = []
         child = names(self.name, run, attempt)
         existing_cms = {str((c.get("metadata") or {}).get("name")) for c in self.obs.config_maps}
         existing_svcs = {str((s.get("metadata") or {}).get("name")) for s in self.obs.services}
-        if with_config or child.config_map not in existing_cms:
+        if child.config_map not in existing_cms:
             out.append(render_config_map(job, run, self.owner))
         if job.spec.resources.nodes > 1 and child.service not in existing_svcs:
             out.append(render_service(job, run, self.owner))
@@ -568,7 +569,7 @@ class _Planner:
         trigger: RunTrigger = "Created" if last is None else "SpecChange"
         child = names(self.name, number, 1)
         pods = [child.pod(r) for r in range(job.spec.resources.nodes)]
-        self.plan.create += self.render_attempt(job, number, 1, with_config=True)
+        self.plan.create += self.render_attempt(job, number, 1)
         self.status.current_run = CurrentRun(
             number=number,
             trigger=trigger,
@@ -601,7 +602,7 @@ class _Planner:
         current.attempts = number
         current.retry_after = None
         self.push_attempt(current, Attempt(number=number, cause=cause, start_time=self.now))
-        self.plan.create += self.render_attempt(job, current.number, number, with_config=False)
+        self.plan.create += self.render_attempt(job, current.number, number)
         self.cond(
             ConditionType.RUNNING,
             "True",

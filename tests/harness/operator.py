@@ -100,8 +100,8 @@ class OperatorProcess:
                 continue
             head, _, value = line.rpartition(" ")
             sample, _, rest = head.partition("{")
-            got = rest.rstrip("}")
-            if sample == name and ",".join(sorted(got.split(","))) == want if got else sample == name and not want:
+            got = ",".join(sorted(filter(None, rest.rstrip("}").split(","))))
+            if sample == name and got == want:
                 return float(value)
         return 0.0
 

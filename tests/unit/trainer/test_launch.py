@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.operator import free_port
 from tuneloop_trainer.launch import exit_code_for
 
 pytestmark = pytest.mark.unit
@@ -49,9 +49,7 @@ time.sleep(0.5)
 def launch(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0"]
     return subprocess.Popen(
         [sys.executable, "-m", "tuneloop_trainer.launch", *argv, str(script)],
