@@ -70,6 +70,8 @@ GPU_RESOURCE: Final = "nvidia.com/gpu"
 MISSING_IMAGE_MARKER: Final = "does-not-exist"
 #: The env variable holding the host path of the container's termination message file.
 TERMINATION_LOG_ENV: Final = "TUNELOOP_TERMINATION_LOG"
+#: Every process of a pod inherits this variable (the pod's uid): the stand-in for its PID namespace.
+POD_MARKER_ENV: Final = "TUNELOOP_LOCAL_KUBELET_POD"
 #: What the real kubelet keeps of a termination message file, and of the log as a fallback.
 MAX_TERMINATION_MESSAGE_BYTES: Final = 4096
 FALLBACK_LOG_LINES: Final = 80
@@ -196,6 +198,22 @@ def rewrite_path(value: str, mounts: list[tuple[str, Path]]) -> str:
         if rewritten != rest:
             return f"{key}={rewritten}"
     return value
+
+
+def pod_processes(uid: str) -> list[int]:
+    """PIDs of the live processes that inherited the pod's marker (``/proc/<pid>/environ``)."""
+    marker = f"{POD_MARKER_ENV}={uid}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if marker in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
 
 
 #: A cluster DNS name of a Service or of a pod behind a headless Service (``a.b.ns.svc``).
@@ -402,6 +420,17 @@ class LocalKubelet:
         """stdout and stderr of the latest pod of that name (empty until it started)."""
         path = self._find(namespace, name).log_path
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tails(self, chars: int = 3000) -> dict[str, str]:
+        """The last ``chars`` of every pod's log, keyed ``namespace/name#uid-prefix`` (for failure reports)."""
+        with self._lock:
+            runs = list(self._runs.values())
+        tails = {}
+        for run in runs:
+            path = run.log_path
+            text = path.read_text(errors="replace")[-chars:] if path.exists() else ""
+            tails[f"{run.namespace}/{run.name}#{run.uid[:8]}"] = text
+        return tails
 
     def wait_for_phase(self, namespace: str, name: str, phase: str, timeout: float = 10.0) -> Obj:
         """Poll the API until the pod has ``status.phase == phase``; returns the pod.
@@ -711,9 +740,21 @@ class LocalKubelet:
 
     @staticmethod
     def _signal(run: _Run, sig: int) -> None:
+        """Signal the pod's process group; SIGKILL also reaches every process the pod started.
+
+        A container's processes live in its PID namespace, and a SIGKILL of the container (or the
+        end of its main process) ends all of them, including those that started a session of
+        their own (torchrun runs each worker with ``start_new_session``). Here the pod's
+        processes are found by the marker every one of them inherits in its environment.
+        SIGTERM goes to the group only, as the runtime sends it to the main process alone.
+        """
         assert run.proc is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.proc.pid, sig)
+        if sig == signals.SIGKILL:
+            for pid in pod_processes(run.uid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signals.SIGKILL)
 
     def _check_process(self, run: _Run) -> None:
         assert run.proc is not None
@@ -958,6 +999,7 @@ class LocalKubelet:
             full["TMPDIR"] = str(tmp)
         full[TERMINATION_LOG_ENV] = str(run.termination_path)
         full |= self.env_overrides
+        full[POD_MARKER_ENV] = run.uid
         return full
 
     # ---- finishing ---------------------------------------------------------------------------

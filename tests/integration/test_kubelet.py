@@ -542,15 +542,36 @@ def test_stop_leaves_no_process_alive(k8s_api: K8sApi, tmp_path: Path) -> None:
     assert kubelet.errors == []
 
 
-def test_leftover_children_die_with_the_main_process(k8s_api: K8sApi, local_kubelet: LocalKubelet) -> None:
-    code = """
+# torchrun starts each worker with a session of its own; in a container they still die with it.
+@pytest.mark.parametrize("own_session", [False, True], ids=["same-group", "own-session"])
+def test_leftover_children_die_with_the_main_process(
+    k8s_api: K8sApi, local_kubelet: LocalKubelet, own_session: bool
+) -> None:
+    code = f"""
     import pathlib, subprocess, sys
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session={own_session})
     pathlib.Path("child.pid").write_text(str(child.pid))
     """
     k8s_api.create(python_pod("orphaner", code))
     local_kubelet.wait_for_phase("default", "orphaner", "Succeeded")
     child = int((local_kubelet.pod_dir("default", "orphaner") / "child.pid").read_text())
+    k8s_api.wait_for(lambda: not alive(child), timeout=5)
+
+
+def test_a_killed_pod_takes_its_own_session_children_along(k8s_api: K8sApi, local_kubelet: LocalKubelet) -> None:
+    code = """
+    import pathlib, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    pathlib.Path("child.pid").write_text(str(child.pid))
+    time.sleep(60)
+    """
+    k8s_api.create(python_pod("worker", code))
+    local_kubelet.wait_for_phase("default", "worker", "Running")
+    child = int(wait_file(local_kubelet.pod_dir("default", "worker") / "child.pid"))
+    assert alive(child)
+
+    local_kubelet.kill("default", "worker")
+
     k8s_api.wait_for(lambda: not alive(child), timeout=5)
 
 
