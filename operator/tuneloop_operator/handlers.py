@@ -91,6 +91,7 @@ class Runtime:
                 backoff_base_seconds=settings.backoff_base_seconds,
                 backoff_max_seconds=settings.backoff_max_seconds,
                 max_preemptions=settings.max_preemptions,
+                stuck_terminating_seconds=settings.stuck_terminating_seconds,
                 metrics_port=settings.trainer_metrics_port,
             ),
         )

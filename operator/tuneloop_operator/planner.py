@@ -124,6 +124,10 @@ class PlannerSettings:
     """Longest delay between retries."""
     max_preemptions: int = 20
     """Attempts a run may lose to preemption before it fails (a flapping node cannot loop forever)."""
+    stuck_terminating_seconds: float = 300.0
+    """How long past its deletion deadline (``deletionTimestamp``, grace period included) a pod
+    may still be terminating before the next attempt stops waiting for it: a pod on a node that
+    no longer answers stays ``Terminating`` forever, and the job must not wait forever with it."""
     metrics_port: int = 9400
     """Port of the trainer's Prometheus endpoint."""
 
@@ -192,6 +196,8 @@ class PodView:
     """Why the pod cannot start, in the pod's own words."""
     detail: str = ""
     """The pod's own ``status.reason: status.message``, when it has one."""
+    deletion_deadline: datetime | None = None
+    """``metadata.deletionTimestamp``: when the pod is due to be gone (its grace period included)."""
 
     @property
     def permanent_exit(self) -> bool:
@@ -247,6 +253,7 @@ class PodView:
         if phase == "Unknown":
             disruption = disruption or "NodeLost"
         detail = ": ".join(str(x) for x in (pod_reason, status.get("message")) if x)
+        deleted_at = meta.get("deletionTimestamp")
         return cls(
             name=str(meta.get("name")),
             run=run,
@@ -259,6 +266,7 @@ class PodView:
             disruption=disruption,
             stuck=stuck if phase == "Pending" else None,
             detail=detail,
+            deletion_deadline=_parse_time(deleted_at) if isinstance(deleted_at, str) else None,
         )
 
 
@@ -280,6 +288,14 @@ class Observed:
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def _parse_time(value: str) -> datetime | None:
+    """An RFC 3339 timestamp as the API server writes it (None if it is not one)."""
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def parse_status(raw: Any) -> FineTuneJobStatus:
@@ -407,6 +423,13 @@ class _Planner:
         )
 
     # -- children --
+
+    def stuck_terminating(self, pod: PodView) -> bool:
+        """The pod was deleted and is still not gone long after its grace period (see
+        :attr:`PlannerSettings.stuck_terminating_seconds`)."""
+        if not pod.deleting or pod.deletion_deadline is None:
+            return False
+        return (self.now - pod.deletion_deadline).total_seconds() >= self.settings.stuck_terminating_seconds
 
     def delete_pod(self, pod: PodView) -> None:
         ref = ObjectRef("v1", "Pod", pod.name)
@@ -676,6 +699,8 @@ class _Planner:
             self.plan.requeue((current.retry_after - self.now).total_seconds())
             return
         alive = [p for p in self.run_pods(current.number) if p.alive]
+        overdue = [p for p in alive if self.stuck_terminating(p)]
+        alive = [p for p in alive if p not in overdue]
         if alive:
             for pod in alive:
                 self.delete_pod(pod)
@@ -688,6 +713,14 @@ class _Planner:
             )
             self.plan.requeue(1.0)
             return
+        for pod in overdue:
+            late = (self.now - pod.deletion_deadline).total_seconds() if pod.deletion_deadline else 0.0
+            self.event(
+                "Warning",
+                Reason.POD_STUCK,
+                f"pod {pod.name} is still terminating {late:.0f}s after its grace period ended (its node may "
+                "be unreachable); the next attempt starts without waiting for it",
+            )
         previous = current.history[-1] if current.history else None
         cause: AttemptCause = "Retry"
         if previous is None:

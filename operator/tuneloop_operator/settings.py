@@ -59,6 +59,9 @@ class OperatorSettings:
     """``TUNELOOP_BACKOFF_MAX_SECONDS``: longest delay between retries."""
     max_preemptions: int = 20
     """``TUNELOOP_MAX_PREEMPTIONS``: attempts a run may lose to preemption before it fails."""
+    stuck_terminating_seconds: float = 300.0
+    """``TUNELOOP_STUCK_TERMINATING_SECONDS``: how long past its grace period a deleted pod may
+    still be terminating before the next attempt stops waiting for it (its node is taken as lost)."""
     trainer_metrics_port: int = 9400
     """``TUNELOOP_TRAINER_METRICS_PORT``: the port trainer pods export metrics on."""
     watch_timeout: float = 300.0
@@ -82,6 +85,7 @@ class OperatorSettings:
             backoff_base_seconds=_number(env, "TUNELOOP_BACKOFF_BASE_SECONDS", 10.0),
             backoff_max_seconds=_number(env, "TUNELOOP_BACKOFF_MAX_SECONDS", 360.0),
             max_preemptions=int(preemptions),
+            stuck_terminating_seconds=_number(env, "TUNELOOP_STUCK_TERMINATING_SECONDS", 300.0),
             trainer_metrics_port=_port(env, "TUNELOOP_TRAINER_METRICS_PORT", 9400),
             watch_timeout=_number(env, "TUNELOOP_WATCH_TIMEOUT", 300.0, minimum=1.0),
             log_level=env.get("TUNELOOP_LOG_LEVEL", "INFO").strip().upper() or "INFO",

@@ -98,7 +98,9 @@ class World:
                 if pod is None:
                     continue
                 if self.graceful_deletes and pod.get("status", {}).get("phase") not in TERMINAL:
-                    pod["metadata"]["deletionTimestamp"] = ts(self.now)
+                    # The API server sets it to when the grace period ends.
+                    grace = pod.get("spec", {}).get("terminationGracePeriodSeconds", 30)
+                    pod["metadata"]["deletionTimestamp"] = ts(self.now + timedelta(seconds=grace))
                 else:
                     del self.pods[ref.name]
             elif ref.kind == "ConfigMap":

@@ -479,6 +479,34 @@ def test_pod_on_a_lost_node_is_replaced_once_it_is_gone() -> None:
     assert current is not None and current.history[-1].cause == "Preempted" and current.preemptions == 1
 
 
+def test_a_pod_stuck_terminating_on_a_lost_node_stops_fencing_after_the_bound() -> None:
+    """The node never answers again: the pod stays Terminating forever. The next attempt waits
+    for it through its grace period and then ``stuck_terminating_seconds``, not longer."""
+    w = running_world(
+        graceful_deletes=True, settings=PlannerSettings(trainer_image=IMAGE, stuck_terminating_seconds=120)
+    )
+    grace = w.pod(POD)["spec"]["terminationGracePeriodSeconds"]
+    w.lose_node(POD)
+    w.reconcile()  # the attempt is lost; the pod is deleted and stays Terminating
+    assert w.pod(POD)["metadata"]["deletionTimestamp"]
+    w.advance(grace + 119)
+    p = w.reconcile()
+    assert p.create == [] and w.condition(ConditionType.RUNNING).reason == Reason.POD_PENDING
+    assert f"waiting for pod(s) {POD}" in w.condition(ConditionType.RUNNING).message
+    w.advance(1)
+    events_before = len(w.events)
+    p = w.reconcile()
+    assert [o["metadata"]["name"] for o in p.create] == ["job-r1-a2-n0"]
+    assert POD in w.pods  # never force-deleted by the operator: that is the user's call
+    [(kind, message)] = [(e.type, e.message) for e in w.events[events_before:] if e.reason == Reason.POD_STUCK]
+    assert kind == "Warning" and POD in message and "still terminating 120s after its grace period" in message
+    current = w.status.current_run
+    assert current is not None and current.history[-1].cause == "Preempted" and current.preemptions == 1
+    w.start("job-r1-a2-n0")
+    p = w.reconcile()  # the stuck pod of attempt 1 does not disturb attempt 2
+    assert p.create == [] and p.delete == [] and w.condition(ConditionType.RUNNING).reason == Reason.TRAINING
+
+
 def test_disruption_target_on_a_running_pod_waits_for_it_to_stop() -> None:
     """The scheduler marks the pod before it sends SIGTERM: the attempt is lost at once, but the
     next one starts only when the old trainer has stopped."""

@@ -19,6 +19,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.metrics_port, s.health_port) == (8080, 8081)
     assert s.reconcile_interval == 30.0
     assert (s.backoff_base_seconds, s.backoff_max_seconds, s.max_preemptions) == (10.0, 360.0, 20)
+    assert s.stuck_terminating_seconds == 300.0
 
 
 def test_values_are_parsed() -> None:
@@ -29,9 +30,11 @@ def test_values_are_parsed() -> None:
             "TUNELOOP_METRICS_PORT": "0",
             "TUNELOOP_RECONCILE_INTERVAL": "2.5",
             "TUNELOOP_MAX_PREEMPTIONS": "3",
+            "TUNELOOP_STUCK_TERMINATING_SECONDS": "90",
             "TUNELOOP_LOG_LEVEL": "debug",
         }
     )
+    assert s.stuck_terminating_seconds == 90.0
     assert s.trainer_image == "registry.local/trainer:1.2"
     assert s.namespaces == ("ml", "research")
     assert s.metrics_port == 0  # disabled
@@ -46,6 +49,7 @@ def test_values_are_parsed() -> None:
         ("TUNELOOP_RECONCILE_INTERVAL", "0", "at least"),
         ("TUNELOOP_BACKOFF_BASE_SECONDS", "-1", "at least"),
         ("TUNELOOP_MAX_PREEMPTIONS", "2.5", "whole number"),
+        ("TUNELOOP_STUCK_TERMINATING_SECONDS", "soon", "not a number"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
