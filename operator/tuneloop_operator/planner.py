@@ -36,7 +36,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from tuneloop.api import ConditionType, FineTuneJob, Reason
-from tuneloop.api.spec import METRIC_OUTPUTS
+from tuneloop.api.spec import METRIC_OUTPUTS, FineTuneJobSpec
 from tuneloop.api.status import (
     MAX_ATTEMPT_HISTORY,
     MAX_RUN_HISTORY,
@@ -55,6 +55,7 @@ from tuneloop.contract import ExitCode, Heartbeat, is_retryable
 from tuneloop.validate import Problem, validate_manifest
 from tuneloop_operator.conditions import set_condition, with_phase
 from tuneloop_operator.render import (
+    CONFIG_KEY,
     LABEL_ATTEMPT,
     LABEL_NODE_RANK,
     LABEL_RUN,
@@ -69,6 +70,10 @@ from tuneloop_operator.render import (
 #: starts a new run.
 LIFECYCLE_FIELDS: Final = frozenset(
     {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "retrain"}
+)
+#: The same, as attribute names of the spec model.
+_LIFECYCLE_ATTRS: Final = tuple(
+    name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in LIFECYCLE_FIELDS
 )
 #: Container waiting reasons that mean a pod cannot start without someone acting.
 STUCK_WAITING_REASONS: Final = frozenset(
@@ -398,6 +403,8 @@ class _Planner:
         self.plan = Plan(status=self.status)
         self.pods = [v for v in (PodView.from_manifest(p) for p in observed.pods) if v is not None]
         self.owner = owner_of(observed.body)
+        self.live: FineTuneJob | None = None
+        """The job as it is now (None while its spec is invalid)."""
         self.resumed = False
 
     # -- conditions and events --
@@ -467,7 +474,9 @@ class _Planner:
 
     def run(self) -> Plan:
         job, problems = parse_job(self.obs.body)
+        self.live = job
         if job is None:
+            self.keep_active_run_going()
             self.invalid_spec(problems)
         else:
             self.reconcile(job)
@@ -476,8 +485,8 @@ class _Planner:
         return self.plan
 
     def invalid_spec(self, problems: list[Problem]) -> None:
-        """Report, create nothing, delete nothing: pods of an active run keep running and are
-        picked up again once the spec is fixed."""
+        """Report; no new run starts. An active run goes on under its own spec (see
+        :meth:`keep_active_run_going`)."""
         listed = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         message = f"FineTuneJob {self.name} is invalid: {listed}{more}"
@@ -513,6 +522,9 @@ class _Planner:
                 self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
             self.cleanup_finished(job)
             return
+        self.active_run(self.pinned(job, current), current)
+
+    def active_run(self, job: FineTuneJob, current: CurrentRun) -> None:
         self.cleanup_finished(job, keep=current.number)
         if job.spec.suspend:
             self.suspend(job, current)
@@ -520,6 +532,51 @@ class _Planner:
         if current.suspended_since is not None:
             self.resume(current)
         self.advance(job, current)
+
+    # -- the spec a run trains --
+
+    def stored_job(self, current: CurrentRun) -> FineTuneJob | None:
+        """The job as the run's ConfigMap holds it (what its pods read), if it is there and is
+        the spec the run started with."""
+        name = names(self.name, current.number, 1).config_map
+        for config_map in self.obs.config_maps:
+            if (config_map.get("metadata") or {}).get("name") != name:
+                continue
+            try:
+                manifest = json.loads(str((config_map.get("data") or {}).get(CONFIG_KEY)))
+            except ValueError:
+                return None
+            job, _ = validate_manifest(manifest)
+            return job if job is not None and spec_hash(job) == current.spec_hash else None
+        return None
+
+    def pinned(self, job: FineTuneJob, current: CurrentRun) -> FineTuneJob:
+        """The job the active run trains: its stored spec with today's lifecycle fields. A spec
+        edited mid-run is trained by the next run; retries of this one keep their pods, image
+        and node count as they were (a retry with the old ConfigMap but new pods would mix
+        two specs)."""
+        stored = self.stored_job(current)
+        if stored is None:
+            return job
+        lifecycle = {attr: getattr(job.spec, attr) for attr in _LIFECYCLE_ATTRS}
+        return stored.model_copy(update={"metadata": job.metadata, "spec": stored.spec.model_copy(update=lifecycle)})
+
+    def keep_active_run_going(self) -> None:
+        """The spec became invalid while a run is active: that run goes on under the spec it
+        started with (its pods still read it), so it can still finish, be retried, time out or
+        be suspended; ``spec.suspend`` is honoured as long as it reads as a boolean (Kueue sets
+        it whatever else is wrong with the spec)."""
+        current = self.status.current_run
+        if current is None or current.result is not None:
+            return
+        stored = self.stored_job(current)
+        if stored is None:
+            return  # nothing to go by: the pods run on, and are looked at once the spec is fixed
+        raw = self.obs.body.get("spec")
+        suspend = raw.get("suspend") if isinstance(raw, Mapping) else None
+        if isinstance(suspend, bool):
+            stored = stored.model_copy(update={"spec": stored.spec.model_copy(update={"suspend": suspend})})
+        self.active_run(stored, current)
 
     # -- a status that lost track of its runs --
 
@@ -923,7 +980,7 @@ class _Planner:
         self.plan.finished = (result, reason)
         if job.spec.ttl_seconds_after_finished is not None:
             self.plan.requeue(job.spec.ttl_seconds_after_finished)
-        if self.wants_new_run(job, current):
+        if self.live is not None and self.wants_new_run(self.live, current):
             self.plan.requeue(0.0)
         if result == "Succeeded":
             where = f"; model at {model_uri}" if model_uri else ""

@@ -16,7 +16,7 @@ from tuneloop.api import ConditionType, Reason
 from tuneloop.api.status import CheckpointRef
 from tuneloop.contract import Heartbeat
 from tuneloop_operator.conditions import status_patch
-from tuneloop_operator.planner import PlannerSettings, parse_status, plan
+from tuneloop_operator.planner import _LIFECYCLE_ATTRS, LIFECYCLE_FIELDS, PlannerSettings, parse_status, plan
 
 from .planner_helpers import IMAGE, T0, UID, World, job_manifest
 
@@ -824,6 +824,43 @@ def test_spec_change_during_a_run_starts_the_next_run_after_it() -> None:
     assert w.condition(ConditionType.READY).status == "True"  # run 1's model is still there
 
 
+def test_a_retry_after_a_spec_change_keeps_the_runs_own_spec() -> None:
+    """The retry of run 1 runs run 1's spec: same node count, same GPUs, the ConfigMap it
+    reads; lifecycle fields (backoffLimit here) are today's. Run 2 brings the new spec."""
+    w = running_world(job_manifest(backoffLimit=0))
+
+    def grow(spec: dict[str, Any]) -> None:
+        spec["resources"] = {"nodes": 2, "gpus": 2}
+        spec["backoffLimit"] = 3
+
+    w.edit_spec(grow)
+    w.reconcile()
+    w.fail(POD, 1)  # retryable; backoffLimit 0 at the start, 3 now
+    p = w.reconcile()
+    assert p.retried and w.status.current_run is not None and w.status.current_run.result is None
+    w.advance(3600)
+    p = w.reconcile()
+    assert [o["metadata"]["name"] for o in p.create] == ["job-r1-a2-n0"]  # one node, no Service
+    container = p.create[0]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # as run 1 started
+    w.start("job-r1-a2-n0")
+    w.succeed("job-r1-a2-n0", json.dumps(SUCCESS))
+    w.reconcile()
+    p = w.reconcile()
+    assert sorted(o["metadata"]["name"] for o in p.create) == [
+        "job-r2",
+        "job-r2-a1-n0",
+        "job-r2-a1-n1",
+        "job-r2-config",
+    ]
+    pod = next(o for o in p.create if o["metadata"]["name"] == "job-r2-a1-n0")
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_lifecycle_attributes_cover_the_lifecycle_fields() -> None:
+    assert len(_LIFECYCLE_ATTRS) == len(LIFECYCLE_FIELDS)
+
+
 def test_spec_change_after_a_failed_run_starts_a_new_run() -> None:
     w = running_world()
     w.fail(POD, 10)
@@ -951,6 +988,45 @@ def test_fixing_an_invalid_spec_starts_run_one() -> None:
     assert p.started_run == 1 and [o["metadata"]["name"] for o in p.create] == ["job-r1-config", POD]
     assert w.condition(ConditionType.FAILED).status == "False"
     assert w.phase == "Pending"
+
+
+def test_a_run_whose_spec_turned_invalid_still_finishes_and_is_retried() -> None:
+    """Its pods read the spec it started with, so the run is followed to its end: a crash is
+    retried, a success recorded; the Failed condition keeps saying what is wrong with the spec,
+    and no new run starts until it is fixed."""
+    w = running_world()
+    w.set_spec(promotion={"gates": [{"metric": "bleu", "min": 0.3}]})
+    w.reconcile()
+    w.fail(POD, 1)
+    p = w.reconcile()
+    assert p.retried
+    w.advance(3600)
+    p = w.reconcile()
+    assert [o["metadata"]["name"] for o in p.create] == ["job-r1-a2-n0"]
+    w.start("job-r1-a2-n0")
+    w.succeed("job-r1-a2-n0", json.dumps(SUCCESS))
+    p = w.reconcile()
+    assert p.finished == ("Succeeded", Reason.SUCCEEDED)
+    failed = w.condition(ConditionType.FAILED)
+    assert (failed.status, failed.reason) == ("True", Reason.INVALID_SPEC) and "promotion" in failed.message
+    assert w.status.runs[-1].result == "Succeeded"
+    w.advance(60)
+    assert w.reconcile().create == []
+
+
+def test_suspend_works_while_the_spec_is_invalid() -> None:
+    """Kueue suspends a job whatever else is wrong with its spec."""
+    w = running_world()
+    w.set_spec(promotion={"gates": [{"metric": "bleu", "min": 0.3}]}, suspend=True)
+    p = w.reconcile()
+    assert {r.name for r in p.delete} == {POD}
+    assert w.condition(ConditionType.SUSPENDED).status == "True"
+    assert w.condition(ConditionType.FAILED).reason == Reason.INVALID_SPEC
+    w.set_spec(promotion={"gates": []}, suspend=False)  # fixed and resumed: the same run goes on
+    p = w.reconcile()
+    assert [o["metadata"]["name"] for o in p.create] == ["job-r1-a2-n0"] and p.started_run is None
+    current = w.status.current_run
+    assert current is not None and current.history[-1].cause == "Resumed"
 
 
 def test_invalid_spec_during_a_run_leaves_its_pods_alone() -> None:
