@@ -860,9 +860,10 @@ def _decode_protobuf(body: bytes) -> Obj:
 _GC_FIELDS: Final = ("ownerReferences", "finalizers", "deletionTimestamp")
 
 
-def _now() -> str:
-    """RFC 3339 with a ``Z``, at second precision, like ``metav1.Time``."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(after_seconds: int = 0) -> str:
+    """RFC 3339 with a ``Z``, at second precision, like ``metav1.Time`` (``after_seconds`` from now)."""
+    at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=after_seconds)
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _human_age(timestamp: Any) -> str:
@@ -2258,8 +2259,10 @@ class KubernetesApiEmulator(kmock.KubernetesEmulator):
             return None
         new = copy.deepcopy(current)
         new_meta = new["metadata"]
-        new_meta["deletionTimestamp"] = _now()
-        new_meta["deletionGracePeriodSeconds"] = int(grace or 30) if graceful_pod else 0
+        grace_seconds = int(grace or 30) if graceful_pod else 0
+        # For a pod, the time by which it is due to be gone: the grace period is included.
+        new_meta["deletionTimestamp"] = _now(grace_seconds)
+        new_meta["deletionGracePeriodSeconds"] = grace_seconds
         new_meta["generation"] = int(new_meta.get("generation") or 0) + 1
         if finalizers:
             new_meta["finalizers"] = finalizers

@@ -12,6 +12,7 @@ import os
 import textwrap
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -502,7 +503,10 @@ def test_graceful_pod_deletion_reports_then_deletes(k8s_api: K8sApi, local_kubel
     wait_file(pod_dir / "ready")
 
     deleting = k8s_api.delete("v1", "Pod", "graceful")
-    assert deleting["metadata"]["deletionTimestamp"]  # Terminating, until the kubelet is done
+    # Terminating until the kubelet is done; the timestamp is when the grace period ends.
+    deadline = datetime.fromisoformat(deleting["metadata"]["deletionTimestamp"].replace("Z", "+00:00"))
+    grace = deleting["metadata"]["deletionGracePeriodSeconds"]
+    assert grace > 0 and abs((deadline - datetime.now(UTC)).total_seconds() - grace) < 3
 
     k8s_api.wait_for(lambda: k8s_api.get("v1", "Pod", "graceful") is None)
     assert (pod_dir / "got-sigterm").read_text() == "yes"
