@@ -48,6 +48,9 @@ MASTER_PORT: Final = 29500
 RUN_AS_USER: Final = 10001
 #: Seconds between SIGTERM and SIGKILL: the trainer checkpoints on SIGTERM (exit 143).
 TERMINATION_GRACE_SECONDS: Final = 60
+#: How long torchrun lets its workers checkpoint after the pod's SIGTERM before it kills them
+#: (torchrun's own default is 30 s): the pod's grace period, less a margin for torchrun to exit.
+SHUTDOWN_TIMEOUT_SECONDS: Final = TERMINATION_GRACE_SECONDS - 5
 
 #: Secret keys the trainer's environment takes from ``spec.storage.secretRef``: (key, optional).
 STORAGE_SECRET_KEYS: Final = (
@@ -276,6 +279,7 @@ def trainer_command(job: FineTuneJob, run: int, attempt: int, node_rank: int) ->
         f"--master-addr={master}",
         f"--master-port={MASTER_PORT}",
         "--max-restarts=0",  # retries are the operator's: it resumes from the checkpoint
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_SECONDS}",
         *trainer,
     ]
 

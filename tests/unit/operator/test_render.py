@@ -324,6 +324,7 @@ def test_distributed_pods_start_one_trainer_per_gpu_through_the_launcher() -> No
             f"--master-addr={master}",
             "--master-port=29500",
             "--max-restarts=0",
+            "--shutdown-timeout=55",
             "-m",
             "tuneloop_trainer",
             "--config",

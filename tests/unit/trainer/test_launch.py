@@ -50,7 +50,15 @@ def launch(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = free_port()
-    argv = ["--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0"]
+    # The flags the operator renders (see render.trainer_command), on one node.
+    argv = [
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "--max-restarts=0",
+        "--shutdown-timeout=55",
+    ]
     return subprocess.Popen(
         [sys.executable, "-m", "tuneloop_trainer.launch", *argv, str(script)],
         env={**os.environ, "MODE": mode, "READY_DIR": str(tmp_path)},
