@@ -805,7 +805,10 @@ class _Planner:
         if not missing and present and all(p.phase == "Succeeded" for p in present):
             self.succeeded(job, current, present)
             return
-        lost = [p for p in present if p.disruption is not None or (p.deleting and p.terminal)]
+        # A pod deleted long ago and still not gone sits on a node that no longer answers.
+        lost = [
+            p for p in present if p.disruption is not None or (p.deleting and (p.terminal or self.stuck_terminating(p)))
+        ]
         if missing or lost:
             what = (
                 f"pod {missing[0]} was deleted"

@@ -66,9 +66,15 @@ def kubelet_for(k8s_api: K8sApi, tmp_path: Path, step_delay: float = 0.0) -> Loc
 
 @pytest.fixture
 def kubelet(k8s_api: K8sApi, tmp_path: Path) -> Iterator[LocalKubelet]:
-    """Trainer steps slowed to 0.25 s, so that tests can act mid-run."""
-    with kubelet_for(k8s_api, tmp_path, step_delay=0.25) as kubelet:
-        yield kubelet
+    """Trainer steps slowed to 0.25 s, so that tests can act mid-run. Pods are deleted
+    gracefully, as on a real cluster: a deleted pod stays Terminating (deletionTimestamp set,
+    still running) until its trainer has stopped and the kubelet removes it."""
+    k8s_api.call(setattr, k8s_api.emulator, "graceful_pod_deletion", True)
+    try:
+        with kubelet_for(k8s_api, tmp_path, step_delay=0.25) as kubelet:
+            yield kubelet
+    finally:
+        k8s_api.call(setattr, k8s_api.emulator, "graceful_pod_deletion", False)
     assert not kubelet.errors, kubelet.errors
 
 
@@ -203,8 +209,11 @@ def test_a_job_trains_to_succeeded_with_its_model_in_s3_and_no_secret_anywhere(w
     cells = row.split()
     assert cells[1:3] == ["Succeeded", "1"] and cells[3] == "100" and cells[5] == done["metric"]
 
-    reasons = [r for _, r, _ in events_of(k8s_api, "sentiment")]
-    assert "RunStarted" in reasons and "Succeeded" in reasons
+    # The operator patches the status, then posts the event.
+    k8s_api.wait_for(
+        lambda: "Succeeded" in [r for _, r, _ in events_of(k8s_api, "sentiment")], message="a Succeeded event"
+    )
+    assert "RunStarted" in [r for _, r, _ in events_of(k8s_api, "sentiment")]
 
     # Operator metrics.
     assert operator.metric("tuneloop_operator_runs_started_total", {"trigger": "Created"}) == 1
@@ -263,10 +272,34 @@ def test_preemption_resumes_from_the_checkpoint_without_using_the_backoff_limit(
     assert operator.metric("tuneloop_operator_retries_total") == 0
 
 
+def test_a_pod_whose_node_never_answers_again_is_replaced_after_a_bounded_wait(world: World) -> None:
+    # The pod's node goes silent; someone deletes the pod with a 1 s grace period; with nobody to
+    # confirm, it stays Terminating for good. The operator (TUNELOOP_STUCK_TERMINATING_SECONDS is
+    # 2 in tests) replaces it 2 s after that grace period, and the new attempt resumes.
+    k8s_api, kubelet = world.k8s, world.kubelet
+    k8s_api.create(world.job("silent"))
+    wait_status(k8s_api, "silent", checkpointed, what="a complete checkpoint")
+    kubelet.cut_off(NS, "silent-r1-a1-n0")
+    deleted = k8s_api.request(
+        "DELETE", f"/api/v1/namespaces/{NS}/pods/silent-r1-a1-n0", params={"gracePeriodSeconds": 1}
+    )
+    assert deleted.status_code == 200 and deleted.json()["metadata"]["deletionTimestamp"]
+
+    done = wait_status(k8s_api, "silent", phase_is("Succeeded", "Failed"), what="the end of the run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    run = done["currentRun"]
+    assert (run["preemptions"], run["failures"]) == (1, 0)
+    assert run["history"][0]["message"] == "pod silent-r1-a1-n0 was deleted"
+    stuck = k8s_api.get("v1", "Pod", "silent-r1-a1-n0", NS)
+    assert stuck is not None and stuck["status"]["phase"] == "Running"  # still Terminating: never force-deleted
+    assert [m for _, r, m in events_of(k8s_api, "silent") if r == "PodStuck" and "silent-r1-a1-n0 is still" in m]
+    assert "resumed from the checkpoint at step" in kubelet.logs(NS, "silent-r1-a2-n0")
+
+
 def test_a_permanent_data_error_fails_once_without_retry_and_is_cleaned_up_after_its_ttl(world: World) -> None:
     k8s_api, operator = world.k8s, world.operator
     bad = write_jsonl(world.tmp / "bad.jsonl", [{"text": f"row {i}", "label": "maybe"} for i in range(3)])
-    k8s_api.create(world.job("baddata", data=bad, ttlSecondsAfterFinished=2))
+    k8s_api.create(world.job("baddata", data=bad, ttlSecondsAfterFinished=3))
     done = wait_status(k8s_api, "baddata", phase_is("Succeeded", "Failed"), what="the end of the run")
     assert done["phase"] == "Failed"
     failed = condition(done, "Failed")
@@ -276,9 +309,18 @@ def test_a_permanent_data_error_fails_once_without_retry_and_is_cleaned_up_after
     assert run["attempts"] == 1 and run["history"][0]["exitCode"] == 11
     assert pods_of(k8s_api, "baddata") == ["baddata-r1-a1-n0"]  # kept for `kubectl logs` until the TTL
     # ttlSecondsAfterFinished: the pod and the ConfigMap go, what is in S3 stays.
-    k8s_api.wait_for(lambda: not pods_of(k8s_api, "baddata"), timeout=30, message="the TTL cleanup")
-    assert not k8s_api.list("v1", "ConfigMap", NS, label_selector="tuneloop.dev/job=baddata")
-    cleaned = [m for _, r, m in events_of(k8s_api, "baddata") if r == "CleanedUp"]
+    # (The operator deletes, then posts the event: wait for each, not for the first.)
+    k8s_api.wait_for(
+        lambda: (
+            not pods_of(k8s_api, "baddata")
+            and not k8s_api.list("v1", "ConfigMap", NS, label_selector="tuneloop.dev/job=baddata")
+        ),
+        timeout=30,
+        message="the TTL cleanup",
+    )
+    cleaned = k8s_api.wait_for(
+        lambda: [m for _, r, m in events_of(k8s_api, "baddata") if r == "CleanedUp"], message="a CleanedUp event"
+    )
     assert len(cleaned) == 1 and "are kept" in cleaned[0]
     assert world.s3.list_keys("jobs/baddata/runs/1/")  # the validation report is still there
     time.sleep(1.5)  # several reconciles later: no retry, nothing new
@@ -323,11 +365,26 @@ def test_suspend_deletes_the_pods_and_resume_continues_from_the_checkpoint(world
     k8s_api, kubelet = world.k8s, world.kubelet
     k8s_api.create(world.job("pausable", activeDeadlineSeconds=600))
     wait_status(k8s_api, "pausable", checkpointed, what="a complete checkpoint")
+    pod = k8s_api.get("v1", "Pod", "pausable-r1-a1-n0", NS) or {}
+    assert pod["spec"]["nodeName"] == "local-node"  # bound, so deleted gracefully
     k8s_api.patch(API, KIND, "pausable", {"spec": {"suspend": True}}, NS)
     suspended = wait_status(k8s_api, "pausable", phase_is("Suspended"), what="Suspended")
     assert condition(suspended, "Suspended")["status"] == "True"
     stopped(k8s_api, kubelet, "pausable-r1-a1-n0")
     assert "checkpoint saved" in kubelet.logs(NS, "pausable-r1-a1-n0")  # SIGTERM: one last checkpoint
+    # As on a cluster: the pod was Terminating (still running) while the trainer checkpointed,
+    # then reported its exit (143) and was removed.
+    replay = k8s_api.watch(
+        f"/api/v1/namespaces/{NS}/pods",
+        timeout=0.2,
+        resourceVersion=pod["metadata"]["resourceVersion"],
+        fieldSelector="metadata.name=pausable-r1-a1-n0",
+    )
+    terminating = [e for e in replay if e["object"]["metadata"].get("deletionTimestamp")]
+    assert terminating[0]["object"]["status"]["phase"] == "Running"
+    assert terminating[-1]["type"] == "DELETED"
+    final = terminating[-1]["object"]["status"]
+    assert final["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 143
     time.sleep(1.5)
     assert pods_of(k8s_api, "pausable") == []  # no new pod while suspended
 

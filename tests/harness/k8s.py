@@ -1246,12 +1246,16 @@ class KubernetesApiEmulator(kmock.KubernetesEmulator):
         rd = self._defs.get((api_path.group, api_path.version, api_path.plural))
         if rd is None or (api_path.namespace is not None and not rd.namespaced):
             raise _no_route()
-        if api_path.subresource is not None and (api_path.subresource != "status" or not rd.has_status):
-            raise _no_route()  # only /status is served (no scale, log, exec, eviction, binding)
         params = dict(request.params)
         namespace = api_path.namespace
         name = api_path.name
         sub = api_path.subresource
+        if sub == "binding" and rd.group == "" and rd.plural == "pods" and name is not None:
+            if method != "POST":
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on pods/binding")
+            return self._json(self._bind_pod(rd, namespace, name, self._body(request)), 201)
+        if sub is not None and (sub != "status" or not rd.has_status):
+            raise _no_route()  # only /status and pods/binding are served (no scale, log, exec, eviction)
         match method, name:
             case "GET", _ if params.get("watch") in ("true", "1"):
                 return await self._serve_watch_stream(request, rd, namespace, name, params)
@@ -1279,6 +1283,38 @@ class KubernetesApiEmulator(kmock.KubernetesEmulator):
             case "DELETE", None:
                 return self._json(self._delete_collection(rd, namespace, params, self._delete_options(request)))
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def _bind_pod(self, rd: ResourceDef, namespace: str | None, name: str, body: Obj) -> Obj:
+        """``POST pods/<name>/binding``: what a scheduler does to put a pod on a node. Sets
+        ``spec.nodeName`` (otherwise immutable) and ``PodScheduled=True``, once."""
+        current = self._get_or_404(rd, namespace, name)
+        target = body.get("target") or {}
+        node = target.get("name")
+        if not isinstance(node, str) or not node or target.get("kind", "Node") != "Node":
+            raise _bad_request("a Binding needs target.kind Node and target.name")
+        uid = (body.get("metadata") or {}).get("uid")
+        if uid and uid != current["metadata"].get("uid"):
+            raise _conflict(
+                rd,
+                name,
+                f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                f"{current['metadata'].get('uid')}",
+            )
+        if current["metadata"].get("deletionTimestamp"):
+            raise _conflict(rd, name, "pod is being deleted, cannot be assigned to a host")
+        bound = (current.get("spec") or {}).get("nodeName")
+        if bound:
+            raise _conflict(rd, name, f'pod {name} is already assigned to node "{bound}"')
+        new = copy.deepcopy(current)
+        new.setdefault("spec", {})["nodeName"] = node
+        status = new.setdefault("status", {})
+        conditions = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
+        conditions.append(
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": _now()}
+        )
+        status["conditions"] = conditions
+        self._commit_update(rd, current, new)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
     @staticmethod
     def _body(request: rendering.Request) -> Obj:

@@ -276,6 +276,7 @@ class _Run:
     final: Obj = field(default_factory=dict)  # status.reason/message of a finished pod
     terminated: Obj | None = None  # the container's terminated state
     gone: bool = False  # the pod object is deleted
+    cut_off: bool = False  # its node no longer answers: nothing is reported about it any more
     written: Obj | None = None  # the last status written
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -551,6 +552,20 @@ class LocalKubelet:
                 self._await_gone(run, timeout)
         return [(run.namespace, run.name) for run in runs]
 
+    def cut_off(self, namespace: str, name: str) -> None:
+        """The pod's node stops answering for good: the pod's processes die with it, and nothing
+        more is reported about the pod, not even its deletion. Once deleted, the pod stays
+        ``Terminating`` (with ``deletionTimestamp``, still ``Running``) until force-deleted, as
+        on a real cluster whose node is gone without its Node object being removed."""
+        with self._lock:
+            run = self._find(namespace, name)
+            run.cut_off = True
+            run.gpus = 0  # this test node stays usable for other pods
+            if run.proc is not None and run.proc.returncode is None:
+                self._signal(run, signals.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    run.proc.wait(10)
+
     def _find(self, namespace: str, name: str) -> _Run:
         with self._lock:
             for run in reversed(list(self._runs.values())):
@@ -599,6 +614,8 @@ class LocalKubelet:
             uid = meta["uid"]
             seen.add(uid)
             run = self._runs.get(uid)
+            if run is not None and run.cut_off:
+                continue
             if run is None:
                 run = self._admit(pod)
                 if run is None:
@@ -606,11 +623,11 @@ class LocalKubelet:
             run.pod = pod
             self._sync(run)
         for uid, run in list(self._runs.items()):
-            if uid not in seen and not run.gone:
+            if uid not in seen and not run.gone and not run.cut_off:
                 self._pod_gone(run)
         self._unschedulable = {uid: m for uid, m in self._unschedulable.items() if uid in seen}
         for run in list(self._runs.values()):
-            if run.running:
+            if run.running and not run.cut_off:
                 self._check_process(run)
 
     # ---- scheduling and admission ------------------------------------------------------------
@@ -671,10 +688,10 @@ class LocalKubelet:
         return run
 
     def _bind(self, run: _Run) -> None:
-        """``POST pods/<name>/binding`` to set ``spec.nodeName``, where the server has it.
+        """``POST pods/<name>/binding`` to set ``spec.nodeName``, as a scheduler does.
 
-        The emulator serves no ``binding`` subresource and pod specs are immutable, so there
-        the binding lives in the kubelet (and in ``PodScheduled=True``) only.
+        On a server without the subresource (404 without a name) the binding lives in the
+        kubelet (and in ``PodScheduled=True``) only, and is not tried again.
         """
         if not self._binding_supported:
             return

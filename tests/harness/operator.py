@@ -51,6 +51,8 @@ class OperatorProcess:
             "TUNELOOP_RECONCILE_INTERVAL": "0.5",
             "TUNELOOP_BACKOFF_BASE_SECONDS": "0.5",
             "TUNELOOP_BACKOFF_MAX_SECONDS": "2",
+            # 2 s past the grace period: only a pod deleted with a short grace period gets there.
+            "TUNELOOP_STUCK_TERMINATING_SECONDS": "2",
             "TUNELOOP_LOG_LEVEL": "DEBUG",
             "AWS_EC2_METADATA_DISABLED": "true",
             "NO_PROXY": "127.0.0.1,localhost",

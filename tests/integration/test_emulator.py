@@ -578,6 +578,30 @@ def test_namespace_deletion_empties_then_removes_the_namespace(k8s_api: K8sApi) 
     assert k8s_api.get("v1", "Namespace", "ns1") is None
 
 
+def test_pod_binding_assigns_the_node_once(k8s_api: K8sApi) -> None:
+    # POST pods/<name>/binding: what the scheduler does; nodeName is otherwise immutable.
+    created = k8s_api.create(pod("p"))
+    binding = {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": "p", "uid": created["metadata"]["uid"]},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "node-a"},
+    }
+    response = k8s_api.request("POST", f"{PODS}/p/binding", json=binding)
+    assert (response.status_code, response.json()["status"]) == (201, "Success")
+    bound = k8s_api.get("v1", "Pod", "p") or {}
+    assert bound["spec"]["nodeName"] == "node-a"
+    assert [c["status"] for c in bound["status"]["conditions"] if c["type"] == "PodScheduled"] == ["True"]
+    assert int(bound["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
+    again = k8s_api.request("POST", f"{PODS}/p/binding", json={**binding, "target": {"kind": "Node", "name": "b"}})
+    assert again.status_code == 409 and 'already assigned to node "node-a"' in again.json()["message"]
+    stale = k8s_api.request("POST", f"{PODS}/p/binding", json={**binding, "metadata": {"name": "p", "uid": "other"}})
+    assert stale.status_code == 409
+    assert k8s_api.request("POST", f"{PODS}/p/binding", json={"target": {}}).status_code == 400
+    assert k8s_api.request("GET", f"{PODS}/p/binding").status_code == 405
+    assert k8s_api.request("POST", f"{PODS}/missing/binding", json=binding).status_code == 404
+
+
 def test_graceful_pod_deletion_waits_for_the_kubelet(k8s_api: K8sApi) -> None:
     # Opt-in: a scheduled pod stays Terminating until deleted again with gracePeriodSeconds=0.
     k8s_api.call(setattr, k8s_api.emulator, "graceful_pod_deletion", True)

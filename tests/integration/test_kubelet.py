@@ -326,7 +326,12 @@ def test_unschedulable_pods_stay_pending(k8s_api: K8sApi, tmp_path: Path) -> Non
                 "lastTransitionTime": ANY,
             }
             assert (k8s_api.get("v1", "Pod", name) or {})["status"]["phase"] == "Pending"
-        assert k8s_api.get("v1", "Pod", "fits")["spec"].get("nodeName") is None  # type: ignore[index]
+        # The pod that fits was bound to the node through pods/binding, as a scheduler does.
+        fits_pod = k8s_api.get("v1", "Pod", "fits") or {}
+        assert fits_pod["spec"]["nodeName"] == "local-node"
+        assert (condition(fits_pod, "PodScheduled") or {}).get("status") == "True"
+        for name in ("wrong-node", "greedy"):
+            assert "nodeName" not in (k8s_api.get("v1", "Pod", name) or {})["spec"]
 
 
 def test_gpus_are_freed_when_a_pod_ends(k8s_api: K8sApi, tmp_path: Path) -> None:
@@ -495,9 +500,8 @@ def test_sigkill_after_the_grace_period(k8s_api: K8sApi, local_kubelet: LocalKub
 
 @pytest.mark.usefixtures("graceful_deletion")
 def test_graceful_pod_deletion_reports_then_deletes(k8s_api: K8sApi, local_kubelet: LocalKubelet) -> None:
-    # Only a pod bound to the node (spec.nodeName) is deleted gracefully by the emulator; the
-    # kubelet cannot bind (no binding subresource, immutable spec), so the pod comes bound.
-    k8s_api.create(python_pod("graceful", SIGTERM_AWARE, spec={"nodeName": "local-node"}))
+    # Only a pod bound to a node is deleted gracefully by the emulator: the kubelet binds it.
+    k8s_api.create(python_pod("graceful", SIGTERM_AWARE))
     local_kubelet.wait_for_phase("default", "graceful", "Running")
     pod_dir = local_kubelet.pod_dir("default", "graceful")
     wait_file(pod_dir / "ready")

@@ -18,7 +18,7 @@ from tuneloop.contract import Heartbeat
 from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.planner import _LIFECYCLE_ATTRS, LIFECYCLE_FIELDS, PlannerSettings, parse_status, plan
 
-from .planner_helpers import IMAGE, T0, UID, World, job_manifest
+from .planner_helpers import IMAGE, T0, UID, World, job_manifest, ts
 
 pytestmark = pytest.mark.unit
 
@@ -505,6 +505,23 @@ def test_a_pod_stuck_terminating_on_a_lost_node_stops_fencing_after_the_bound() 
     w.start("job-r1-a2-n0")
     p = w.reconcile()  # the stuck pod of attempt 1 does not disturb attempt 2
     assert p.create == [] and p.delete == [] and w.condition(ConditionType.RUNNING).reason == Reason.TRAINING
+
+
+def test_a_pod_someone_deleted_that_never_goes_away_is_lost_after_the_bound() -> None:
+    """``kubectl delete pod`` on a node that no longer answers: no DisruptionTarget, no exit,
+    the pod just stays Terminating. The attempt is taken as lost once the bound has passed."""
+    w = running_world(settings=PlannerSettings(trainer_image=IMAGE, stuck_terminating_seconds=60))
+    w.pod(POD)["metadata"]["deletionTimestamp"] = ts(w.now + timedelta(seconds=30))  # grace 30 s
+    p = w.reconcile()
+    assert p.create == [] and not p.preempted and p.requeue_after == 1.0
+    w.advance(89)
+    assert w.reconcile().create == []
+    w.advance(1)
+    p = w.reconcile()
+    assert p.preempted and [o["metadata"]["name"] for o in p.create] == ["job-r1-a2-n0"]
+    current = w.status.current_run
+    assert current is not None and current.history[0].message == f"pod {POD} was deleted"
+    assert any(e.reason == Reason.POD_STUCK and POD in e.message for e in p.events)
 
 
 def test_disruption_target_on_a_running_pod_waits_for_it_to_stop() -> None:
