@@ -54,7 +54,8 @@ class Reason:
     POD_PENDING: Final = "PodPending"
     """Trainer pods exist but are not running yet (scheduling, image pull)."""
     POD_STUCK: Final = "PodStuck"
-    """A trainer pod cannot start (image pull error, unschedulable); the message says why."""
+    """A trainer pod cannot start (image pull error, unschedulable), or stays ``Terminating``
+    long after its grace period (its node no longer answers); the message says why."""
     TRAINING: Final = "Training"
     """The trainer is training."""
     EVALUATING: Final = "Evaluating"
