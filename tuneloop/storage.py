@@ -60,12 +60,14 @@ import base64
 import binascii
 import builtins
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import time
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -73,7 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -82,6 +84,7 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
     CredentialRetrievalError,
     FlexibleChecksumError,
     HTTPClientError,
@@ -89,6 +92,7 @@ from botocore.exceptions import (
     ParamValidationError,
     PartialCredentialsError,
     ProfileNotFound,
+    ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
@@ -109,10 +113,12 @@ __all__ = [
     "InvalidUriError",
     "NotFoundError",
     "ObjectInfo",
+    "PreconditionFailedError",
     "S3Storage",
     "Storage",
     "StorageError",
     "UnsafeKeyError",
+    "VersionedBytes",
     "parse_s3_uri",
     "redact",
     "safe_join",
@@ -189,6 +195,23 @@ DEFAULT_MULTIPART_THRESHOLD: Final = 64 * MiB
 DEFAULT_MULTIPART_CHUNKSIZE: Final = 32 * MiB
 DEFAULT_MAX_CONCURRENCY: Final = 8
 
+#: Timeouts (seconds) and attempts of every S3 request; the environment variables below override
+#: them (see :class:`S3Storage` for what they bound).
+DEFAULT_S3_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_S3_READ_TIMEOUT: Final = 20.0
+DEFAULT_S3_MAX_ATTEMPTS: Final = 4
+S3_CONNECT_TIMEOUT_ENV: Final = "TUNELOOP_S3_CONNECT_TIMEOUT"
+S3_READ_TIMEOUT_ENV: Final = "TUNELOOP_S3_READ_TIMEOUT"
+S3_MAX_ATTEMPTS_ENV: Final = "TUNELOOP_S3_MAX_ATTEMPTS"
+_S3_MAX_TIMEOUT: Final = 3600.0
+_S3_MAX_ATTEMPTS_LIMIT: Final = 20
+# botocore's standard retry mode waits rand(0, 1) × min(scale × 2 ** (i - 1), 20 s) before retry i;
+# scale is 1 s for throttling errors (and for every error before botocore 1.40), 0.05 s otherwise.
+_BOTOCORE_BACKOFF_SCALE: Final = 1.0
+_BOTOCORE_MAX_BACKOFF: Final = 20.0
+# botocore sends uploads with "Expect: 100-continue" and waits up to 1 s for the "100 Continue".
+_BOTOCORE_CONTINUE_WAIT: Final = 1.0
+
 NO_CREDENTIALS_MESSAGE: Final = (
     "no S3 credentials: set spec.storage.secretRef to a Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
     "or give the pod an IAM role"
@@ -234,6 +257,20 @@ class UnsafeKeyError(StorageError, ValueError):
 
 class InvalidUriError(StorageError, ValueError):
     """The string is not a URI this module can handle."""
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write lost: the object already exists (:meth:`Storage.create_bytes`) or is no
+    longer the version the caller read (:meth:`Storage.replace_bytes`). Re-read it and decide again."""
+
+
+@dataclass(frozen=True)
+class VersionedBytes:
+    """An object's content with the version token a conditional replace needs."""
+
+    data: bytes
+    etag: str
+    """S3: the ETag without quotes; files: the SHA-256 of the content."""
 
 
 @dataclass(frozen=True)
@@ -586,6 +623,29 @@ class Storage(ABC):
         """Delete what :meth:`list` returns for ``uri`` (and S3 folder markers under it); returns how
         many objects were deleted. Refuses a whole bucket or the filesystem root."""
 
+    # -- conditional writes: claims that must be won by exactly one writer --
+
+    @abstractmethod
+    def create_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        """Create the object only if it does not exist, atomically; :class:`PreconditionFailedError`
+        if it does (S3: ``If-None-Match: *``; files: a hard link, which fails on an existing name).
+        Two writers racing for the same name: exactly one wins."""
+
+    @abstractmethod
+    def read_versioned(self, uri: str) -> VersionedBytes:
+        """The object's content and version token (for :meth:`replace_bytes`); :class:`NotFoundError`
+        when it is missing."""
+
+    @abstractmethod
+    def replace_bytes(self, uri: str, data: bytes, *, etag: str, content_type: str | None = None) -> None:
+        """Replace the object only if it is still the version ``etag`` names (S3: ``If-Match``; files:
+        under a lock, comparing content); :class:`PreconditionFailedError` otherwise."""
+
+    @abstractmethod
+    def list_dirs(self, uri: str) -> builtins.list[str]:
+        """Names of the immediate "sub-directories" of the prefix ``uri`` (S3: common prefixes with
+        the delimiter '/'; files: directories), sorted; without listing what is inside them."""
+
     # Batch primitives behind upload_dir/download_prefix; implementations may parallelise them.
     def _upload_many(self, items: Sequence[tuple[Path, str]]) -> None:
         for path, target in items:
@@ -647,6 +707,158 @@ def _check_endpoint(endpoint: str, *, source: str) -> str:
     return endpoint
 
 
+def s3_request_time_bound(connect_timeout: float, read_timeout: float, max_attempts: int) -> float:
+    """The longest one small S3 request can take to fail, in seconds, when the endpoint never answers.
+
+    Each attempt waits at most ``connect_timeout`` to connect, 1 s for a "100 Continue" (requests
+    with a body) and ``read_timeout`` for the answer; before attempt i + 1, botocore's standard retry
+    mode waits at most min(2 ** (i - 1), 20) s (its largest back-off scale, for throttling errors;
+    other errors wait 1/20 of that). Not covered: DNS resolution, and a host with several addresses,
+    each of which may take ``connect_timeout``.
+    """
+    backoff = sum(min(_BOTOCORE_BACKOFF_SCALE * 2.0 ** (i - 1), _BOTOCORE_MAX_BACKOFF) for i in range(1, max_attempts))
+    return max_attempts * (connect_timeout + _BOTOCORE_CONTINUE_WAIT + read_timeout) + backoff
+
+
+def _seconds_setting(raw: str | None, name: str, default: float) -> float:
+    """A timeout from an environment variable (unset or blank: ``default``)."""
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= _S3_MAX_TIMEOUT:  # also refuses nan and inf
+        raise StorageError(
+            f"{name}={_show(raw)} is not valid: expected a number of seconds greater than 0 and at most "
+            f"{_S3_MAX_TIMEOUT:g}, e.g. {name}=20",
+            code="config",
+        )
+    return value
+
+
+def _attempts_setting(raw: str | None, name: str, default: int) -> int:
+    """A number of attempts from an environment variable (unset or blank: ``default``)."""
+    if raw is None or not raw.strip():
+        return default
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= _S3_MAX_ATTEMPTS_LIMIT):
+        raise StorageError(
+            f"{name}={_show(raw)} is not valid: expected a whole number of attempts from 1 to "
+            f"{_S3_MAX_ATTEMPTS_LIMIT} (1: no retries), e.g. {name}=4",
+            code="config",
+        )
+    return int(text)
+
+
+_ATTEMPT_STARTED: Final = "tuneloop_attempt_started"
+_ATTEMPT_FAILURE: Final = "tuneloop_attempt_failure"
+_RETRIED_ERROR_CODES: Final = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+    }
+)
+
+
+class _RetryReporter:
+    """Logs one WARNING on ``tuneloop.storage`` for each retry of an S3 request, so that a slow or
+    stalled store shows progress (on the console of ``tuneloop run``, in pod logs) instead of silence.
+
+    It only observes botocore's events and returns nothing, so botocore's own retry handler alone
+    decides whether and when to retry: after each attempt (``needs-retry``) it notes why the attempt
+    failed; before each attempt (``request-created``, after botocore's back-off) it reports the
+    failure that led to it. A failure botocore does not retry is reported by the StorageError alone.
+    Only the host contacted, the operation, bucket and key and the error's class or status are
+    logged; never headers, signatures or credentials.
+    """
+
+    def __init__(self, max_attempts: int, timeouts: str, redact: Callable[[str], str]) -> None:
+        self.max_attempts = max_attempts
+        self.timeouts = timeouts
+        self._redact = redact
+
+    def register(self, events: Any) -> None:
+        events.register("request-created.s3", self.attempt_starts, unique_id="tuneloop-retry-report-start")
+        events.register_last("needs-retry.s3", self.attempt_ended, unique_id="tuneloop-retry-report-end")
+
+    @staticmethod
+    def _problem(response: Any, caught: BaseException | None) -> tuple[str, str] | None:
+        """(what the endpoint did, the error's class or HTTP status) for a failure botocore may retry."""
+        if caught is not None:
+            verb = "is not answering" if isinstance(caught, (ConnectTimeoutError, ReadTimeoutError)) else "failed"
+            return verb, type(caught).__name__
+        if not isinstance(response, tuple) or len(response) != 2:
+            return None
+        http_response, parsed = response
+        status = getattr(http_response, "status_code", None)
+        error = parsed.get("Error", {}) if isinstance(parsed, dict) else {}
+        code = str(error.get("Code", "")) if isinstance(error, dict) else ""
+        if not (isinstance(status, int) and (status >= 500 or status == 429)) and code not in _RETRIED_ERROR_CODES:
+            return None
+        return "answered", f"HTTP {status} {code}".rstrip()
+
+    def attempt_ended(self, **kwargs: Any) -> None:
+        try:
+            self._note_failure(**kwargs)
+        except Exception:  # a report must never turn into a failed request
+            logger.debug("could not note a failed S3 attempt", exc_info=True)
+
+    def attempt_starts(self, **kwargs: Any) -> None:
+        try:
+            self._report_retry(**kwargs)
+        except Exception:  # a report must never turn into a failed request
+            logger.debug("could not report an S3 retry", exc_info=True)
+
+    def _note_failure(self, request_dict: Any = None, response: Any = None, **kwargs: Any) -> None:
+        context = request_dict.get("context") if isinstance(request_dict, dict) else None
+        if not isinstance(context, dict):
+            return
+        problem = self._problem(response, kwargs.get("caught_exception"))
+        if problem is None:
+            context.pop(_ATTEMPT_FAILURE, None)
+        else:
+            context[_ATTEMPT_FAILURE] = (problem, _display_endpoint(request_dict.get("url")), time.monotonic())
+
+    def _report_retry(self, request: Any = None, operation_name: str = "request", **kwargs: Any) -> None:
+        context = getattr(request, "context", None)
+        if not isinstance(context, dict):
+            return
+        now = time.monotonic()
+        started = context.get(_ATTEMPT_STARTED)
+        context[_ATTEMPT_STARTED] = now
+        failure = context.pop(_ATTEMPT_FAILURE, None)
+        if failure is None:
+            return
+        (verb, detail), host, failed_at = failure
+        retries = context.get("retries")
+        attempt = retries.get("attempt", "?") if isinstance(retries, dict) else "?"
+        params = context.get("input_params")
+        params = params if isinstance(params, dict) else {}
+        target = operation_name
+        if params.get("Bucket"):
+            target += f" s3://{params['Bucket']}/{params.get('Key') or params.get('Prefix') or ''}"
+        took = f" after {failed_at - started:.1f} s" if isinstance(started, float) else ""
+        logger.warning(
+            "S3 %s %s (%s%s) for %s; retrying: attempt %s of %d, after a %.1f s back-off (%s)",
+            host,
+            verb,
+            detail,
+            took,
+            self._redact(target),
+            attempt,
+            self.max_attempts,
+            now - failed_at,
+            self.timeouts,
+        )
+
+
 class S3Storage(Storage):
     """Storage on AWS S3 or an S3-compatible store (MinIO, Ceph, …), through boto3.
 
@@ -660,12 +872,43 @@ class S3Storage(Storage):
       botocore's standard chain: environment variables, ``AWS_PROFILE``/config files, web identity
       (IRSA, EKS Pod Identity), container and instance metadata.
 
-    ``env`` defaults to ``os.environ``. The client retries in botocore's ``standard`` mode
-    (``retries={"mode": "standard", "max_attempts": max_attempts}``; botocore counts these as
-    retries after the first try, so the default 10 allows 11 requests), sends flexible checksums
-    per ``settings.checksums``, and identifies itself as ``tuneloop/<version>``.
-    ``transfer_config`` overrides the multipart threshold, part size and concurrency (tests set
-    small ones).
+    ``env`` defaults to ``os.environ``. The client sends flexible checksums per
+    ``settings.checksums`` and identifies itself as ``tuneloop/<version>``. ``transfer_config``
+    overrides the multipart threshold, part size and concurrency (tests set small ones).
+
+    **Timeouts and retries.** Each request is tried at most ``max_attempts`` times in all
+    (``TUNELOOP_S3_MAX_ATTEMPTS``, default 4; 1: no retries), in botocore's ``standard`` retry mode
+    (connection errors, timeouts, 5xx and throttling answers are retried). Each attempt waits at most
+    ``connect_timeout`` seconds to connect (``TUNELOOP_S3_CONNECT_TIMEOUT``, default 5) and
+    ``read_timeout`` seconds for data of the answer (``TUNELOOP_S3_READ_TIMEOUT``, default 20).
+    Arguments win over the variables; the variables are read from ``env``, then from the process
+    environment (so the operator's own settings apply to clients made with a job's credentials);
+    a value that is not a number of seconds in (0, 3600], or a whole number of attempts from 1 to 20,
+    raises :class:`StorageError` (code ``config``) naming the variable.
+
+    The timeouts bound each socket operation (urllib3 sets them on the socket), not a transfer: a
+    large multipart upload or download on a slow link works as long as data keeps moving. The read
+    timeout bounds each wait for bytes of the answer, including the store's time to answer after the
+    last byte of a part was sent; urllib3 applies the connect timeout to each blocked send of request
+    data too (so a send must make progress, 16 KiB at a time, within it). Raise them for a store
+    that takes longer to answer.
+
+    Each retry logs one WARNING on ``tuneloop.storage`` (the host, the error, the operation and URI,
+    the attempt number; never credentials), so a stalled store shows progress on the console and in
+    pod logs. When every attempt failed without an answer, :class:`StorageError` with code
+    ``connection`` names the endpoint, the URI and what to check; callers treat it as transient.
+
+    **Bound.** One small request to an endpoint that accepts no connection or never answers fails
+    within ``max_attempts × (connect_timeout + 1 s + read_timeout)`` (the 1 s: botocore's wait for
+    "100 Continue" before sending an upload's body) plus botocore's back-off of at most
+    min(2^(i-1), 20) s before retry i (:func:`s3_request_time_bound`); with the defaults
+    4 × (5 + 1 + 20) + (1 + 2 + 4) = 111 s (botocore >= 1.40 backs off 1/20 as long after errors
+    that are not throttling: 104.4 s). Not included: DNS lookups (the resolver's own timeouts), one
+    connect timeout per address of a host with several, a store that trickles bytes slower than one
+    per read timeout, and up to 5 s more per retry when a store answers with ``x-amz-retry-after``.
+    An operation of several requests (a listing of many pages, a multipart transfer) fails within
+    that bound once a request stalls, except that s3transfer retries a download whose data stalls
+    mid-way up to 5 times, each with the retries above.
     """
 
     scheme = "s3"
@@ -676,14 +919,30 @@ class S3Storage(Storage):
         *,
         env: Mapping[str, str] | None = None,
         transfer_config: TransferConfig | None = None,
-        max_attempts: int = 10,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        max_attempts: int | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
     ) -> None:
         self.settings = settings or StorageSettings()
-        self.max_attempts = max_attempts
         self._env: Mapping[str, str] = os.environ if env is None else env
         self._explicit_env = env is not None
+        if max_attempts is None:
+            max_attempts = _attempts_setting(
+                self._setting(S3_MAX_ATTEMPTS_ENV), S3_MAX_ATTEMPTS_ENV, DEFAULT_S3_MAX_ATTEMPTS
+            )
+        if connect_timeout is None:
+            connect_timeout = _seconds_setting(
+                self._setting(S3_CONNECT_TIMEOUT_ENV), S3_CONNECT_TIMEOUT_ENV, DEFAULT_S3_CONNECT_TIMEOUT
+            )
+        if read_timeout is None:
+            read_timeout = _seconds_setting(
+                self._setting(S3_READ_TIMEOUT_ENV), S3_READ_TIMEOUT_ENV, DEFAULT_S3_READ_TIMEOUT
+            )
+        self.max_attempts = max_attempts
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        #: Seconds within which one small request to an endpoint that never answers has failed.
+        self.request_time_bound = s3_request_time_bound(connect_timeout, read_timeout, max_attempts)
         self.endpoint_url = self._resolve_endpoint()
         self.region = (
             self.settings.region or self._env.get("AWS_REGION") or self._env.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -699,7 +958,7 @@ class S3Storage(Storage):
         checksums = _CHECKSUM_MODES[self.settings.checksums]
         self.client_config = Config(
             region_name=self.region,
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             s3={"addressing_style": self.settings.addressing_style},
             request_checksum_calculation=checksums,
             response_checksum_validation=checksums,
@@ -717,8 +976,15 @@ class S3Storage(Storage):
             self.client: S3Client = session.client("s3", endpoint_url=self.endpoint_url, config=self.client_config)
         except (BotoCoreError, ValueError) as exc:
             raise StorageError(f"cannot set up the S3 client: {type(exc).__name__}: {self._redact(str(exc))}") from None
+        self._timeouts = f"timeouts: connect {connect_timeout:g} s, read {read_timeout:g} s"
+        _RetryReporter(max_attempts, self._timeouts, self._redact).register(self.client.meta.events)
 
     # -- setup --
+
+    def _setting(self, name: str) -> str | None:
+        """A tuning variable, from ``env``, else from the process environment."""
+        value = self._env.get(name)
+        return os.environ.get(name) if value is None and self._explicit_env else value
 
     def _resolve_endpoint(self) -> str | None:
         if self.settings.endpoint:
@@ -766,6 +1032,15 @@ class S3Storage(Storage):
             )
         if isinstance(exc, ClientError):
             return self._client_error(exc, uri, action)
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+            return StorageError(
+                f"{endpoint} is not answering {where}: {type(exc).__name__} on each of up to {self.max_attempts} "
+                f"attempts ({self._timeouts}); check that the store is up and that spec.storage.endpoint and the "
+                "network path (NetworkPolicy, proxy, firewall, DNS) lead to it; for a store that is slow to answer, "
+                f"raise {S3_READ_TIMEOUT_ENV}",
+                uri=uri,
+                code="connection",
+            )
         if isinstance(exc, (HTTPClientError, BotoConnectionError)):
             return StorageError(
                 f"cannot reach {endpoint} {where}: {type(exc).__name__}; check spec.storage.endpoint, "
@@ -855,7 +1130,7 @@ class S3Storage(Storage):
         if code in ("SlowDown", "503", "ServiceUnavailable", "RequestLimitExceeded"):
             return StorageError(
                 f"{_display_endpoint(self.endpoint_url)} is throttling or unavailable ({code}) {where} after "
-                f"{self.max_attempts} retries; "
+                f"{self.max_attempts} attempts; "
                 "retry later",
                 uri=uri,
                 code=code,
@@ -966,7 +1241,12 @@ class S3Storage(Storage):
         with self._translating(uri, "reading"):
             response = self.client.get_object(Bucket=bucket, Key=key)
             data = response["Body"].read()
-        recorded = response.get("Metadata", {}).get(SHA256_METADATA_KEY)
+        self._check_recorded_sha256(uri, data, response.get("Metadata", {}))
+        return data
+
+    @staticmethod
+    def _check_recorded_sha256(uri: str, data: bytes, metadata: Mapping[str, str]) -> None:
+        recorded = metadata.get(SHA256_METADATA_KEY)
         if recorded and _HEX_SHA256_RE.match(recorded) and hashlib.sha256(data).hexdigest() != recorded:
             raise StorageError(
                 f"integrity check failed for {uri}: its content does not match the SHA-256 in its metadata; "
@@ -974,7 +1254,6 @@ class S3Storage(Storage):
                 uri=uri,
                 code="integrity",
             )
-        return data
 
     def write_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
         bucket, key = self._object_location(uri)
@@ -1145,6 +1424,106 @@ class S3Storage(Storage):
         logger.debug("deleted %d objects under %s", deleted, uri)
         return deleted
 
+    # -- conditional writes --
+
+    def create_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        bucket, key = self._object_location(uri)
+        args = self._upload_args(hashlib.sha256(data).hexdigest(), content_type)
+        with self._translating(uri, "creating"):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **args)
+            except ClientError as exc:
+                if _lost_condition(exc):
+                    raise PreconditionFailedError(f"{uri} already exists", uri=uri, code="PreconditionFailed") from None
+                if not _conditional_unsupported(exc):
+                    raise
+                self._warn_no_conditional_writes(uri)
+                # Check, write, read back: narrows the race to the moment between the check and
+                # the write, but cannot close it on a store that ignores conditions.
+                if self.exists(uri):
+                    raise PreconditionFailedError(f"{uri} already exists", uri=uri, code="PreconditionFailed") from None
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, **args)
+                if self.client.get_object(Bucket=bucket, Key=key)["Body"].read() != data:
+                    raise PreconditionFailedError(
+                        f"{uri} was written by someone else at the same time", uri=uri, code="PreconditionFailed"
+                    ) from None
+        logger.debug("created %s (%d bytes)", uri, len(data))
+
+    def read_versioned(self, uri: str) -> VersionedBytes:
+        bucket, key = self._object_location(uri)
+        with self._translating(uri, "reading"):
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            data = response["Body"].read()
+        self._check_recorded_sha256(uri, data, response.get("Metadata", {}))
+        return VersionedBytes(data=data, etag=str(response.get("ETag", "")).strip('"'))
+
+    def replace_bytes(self, uri: str, data: bytes, *, etag: str, content_type: str | None = None) -> None:
+        bucket, key = self._object_location(uri)
+        args = self._upload_args(hashlib.sha256(data).hexdigest(), content_type)
+        with self._translating(uri, "replacing"):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"', **args)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if _lost_condition(exc) or code in ("NoSuchKey", "404"):
+                    raise PreconditionFailedError(
+                        f"{uri} changed since it was read", uri=uri, code="PreconditionFailed"
+                    ) from None
+                if not _conditional_unsupported(exc):
+                    raise
+                self._warn_no_conditional_writes(uri)
+                current = self.client.get_object(Bucket=bucket, Key=key)
+                if str(current.get("ETag", "")).strip('"') != etag:
+                    raise PreconditionFailedError(
+                        f"{uri} changed since it was read", uri=uri, code="PreconditionFailed"
+                    ) from None
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, **args)
+        logger.debug("replaced %s (%d bytes)", uri, len(data))
+
+    def list_dirs(self, uri: str) -> builtins.list[str]:
+        bucket, key = self._location(uri)
+        if key and not key.endswith("/"):
+            key += "/"
+        names: set[str] = set()
+        with self._translating(uri, "listing"):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    name = common.get("Prefix", "")[len(key) :].rstrip("/")
+                    if name:
+                        names.add(name)
+        return sorted(names)
+
+    def _warn_no_conditional_writes(self, uri: str) -> None:
+        if not S3Storage._conditional_warned:
+            S3Storage._conditional_warned = True
+            logger.warning(
+                "%s does not support conditional writes (If-None-Match/If-Match) for %s: claims fall back to "
+                "check-then-write, which two writers racing within the same moment can both pass; "
+                "use a store with conditional writes (AWS S3, MinIO) where jobs may share a bucket",
+                _display_endpoint(self.endpoint_url),
+                uri,
+            )
+
+    _conditional_warned: ClassVar[bool] = False
+
+
+def _lost_condition(exc: ClientError) -> bool:
+    """A conditional write that lost: the condition failed (412) or raced another one (409)."""
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return error.get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def _conditional_unsupported(exc: ClientError) -> bool:
+    """The store refused the conditional header itself (not the condition)."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    message = str(error.get("Message", "")).lower()
+    if code in ("NotImplemented", "501"):
+        return True
+    return code in ("InvalidArgument", "InvalidRequest") and ("if-none-match" in message or "if-match" in message)
+
 
 # --- files ------------------------------------------------------------------------------
 
@@ -1226,15 +1605,25 @@ class FileStorage(Storage):
         with self._translating(uri, "reading"):
             return path.read_bytes()
 
+    @staticmethod
+    def _staged(path: Path, data: bytes) -> Path:
+        """``data`` in a new temporary file beside ``path``, synced to disk, ready to publish."""
+        tmp = _tmp_beside(path)
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
     def write_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
         path = self._object_path(uri)
         with self._translating(uri, "writing"):
-            tmp = _tmp_beside(path)
+            tmp = self._staged(path, data)
             try:
-                with tmp.open("wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 _publish(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -1300,3 +1689,50 @@ class FileStorage(Storage):
                     with contextlib.suppress(OSError):
                         Path(dirpath).rmdir()
         return len(infos)
+
+    # -- conditional writes --
+
+    def create_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        del content_type
+        path = self._object_path(uri)
+        with self._translating(uri, "creating"):
+            tmp = self._staged(path, data)
+            try:
+                tmp.chmod(0o644)
+                try:
+                    # A hard link fails on an existing name, atomically, and publishes a complete file.
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise PreconditionFailedError(f"{uri} already exists", uri=uri, code="PreconditionFailed") from None
+                _fsync_dir(path.parent)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def read_versioned(self, uri: str) -> VersionedBytes:
+        data = self.read_bytes(uri)
+        return VersionedBytes(data=data, etag=hashlib.sha256(data).hexdigest())
+
+    def replace_bytes(self, uri: str, data: bytes, *, etag: str, content_type: str | None = None) -> None:
+        del content_type
+        path = self._object_path(uri)
+        changed = PreconditionFailedError(f"{uri} changed since it was read", uri=uri, code="PreconditionFailed")
+        with self._translating(uri, "replacing"):
+            try:
+                handle = path.open("rb")
+            except FileNotFoundError:
+                raise changed from None
+            with handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                # Whoever held the lock before may have renamed a new file over this one.
+                if path.stat().st_ino != os.fstat(handle.fileno()).st_ino:
+                    raise changed
+                if hashlib.sha256(handle.read()).hexdigest() != etag:
+                    raise changed
+                self.write_bytes(uri, data)  # a rename onto the name, under the lock of the old file
+
+    def list_dirs(self, uri: str) -> builtins.list[str]:
+        path = _file_path(uri)
+        with self._translating(uri, "listing"):
+            if not path.is_dir():
+                return []
+            return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink())
