@@ -4,8 +4,10 @@ For each N (100 and 1,000 by default), on a fresh emulator (``tests/harness/k8s.
 project's CRD:
 
 - **baseline**: a driver process creates N FineTuneJobs and, right after each one, exactly what
-  the operator creates for run 1 of it (the ConfigMap and the pod from
-  :func:`tuneloop_operator.render.render_run`, owner = the created job object, after
+  the operator does for run 1 of it: the output claims in S3 (read the owner record and the runs
+  under the prefix, claim the prefix and run 1 with conditional writes, :mod:`tuneloop.ownership`;
+  S3 is moto's server in a process of its own), then the ConfigMap and the pod from
+  :func:`tuneloop_operator.render.render_run` (owner = the created job object, after
   :func:`tuneloop_operator.planner.parse_job` validates it as the operator does), through
   :class:`tuneloop_operator.kube.KubeClient` (the ``kubernetes`` client's connection handling,
   16 worker threads, the operator's client), 16 jobs in flight;
@@ -118,11 +120,27 @@ def driver_client(kubeconfig: Path) -> Any:
 
 
 async def drive(arm: str, kubeconfig: Path, jobs: int, concurrency: int) -> dict[str, Any]:
+    from tuneloop.contract import spec_hash
+    from tuneloop.ownership import JobIdentity, claim_output, claim_run, highest_run, read_owner
+    from tuneloop.storage import Storage
     from tuneloop_operator.planner import owner_of, parse_job
     from tuneloop_operator.render import render_run
 
     kube = driver_client(kubeconfig)
     limit = asyncio.Semaphore(concurrency)
+    storage = Storage.for_uri("s3://model-bucket/") if arm == "baseline" else None
+
+    def claim(job: Any, body: dict[str, Any]) -> None:
+        """What the operator does in S3 before run 1 of a job: read the output's owner and runs,
+        claim the output and the run number (tuneloop.ownership)."""
+        assert storage is not None
+        uri = job.spec.output.uri
+        meta = body["metadata"]
+        me = JobIdentity(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+        read_owner(storage, uri)
+        highest_run(storage, uri)
+        claim_output(storage, uri, me, continue_lineage=False, by="operator")
+        claim_run(storage, uri, me, 1, spec_hash=spec_hash(job.spec), by="operator")
 
     async def one(i: int) -> None:
         async with limit:
@@ -131,6 +149,7 @@ async def drive(arm: str, kubeconfig: Path, jobs: int, concurrency: int) -> dict
                 return
             job, problems = parse_job(body or {})
             assert job is not None, problems
+            await asyncio.to_thread(claim, job, body or {})
             objects = render_run(job, 1, 1, image=IMAGE, owner=owner_of(body or {}), metrics_port=TRAINER_METRICS_PORT)
             for obj in objects:
                 await kube.create(obj)
@@ -302,6 +321,56 @@ def settle(quiet: float = 1.0, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+class MotoProcess:
+    """moto's S3 server in a process of its own (not a thread of this one, which serves the
+    emulator): both arms claim each job's output and run 1 there, as the operator does."""
+
+    def __init__(self) -> None:
+        from tests.harness.operator import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL_S3": self.url,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+            "AWS_REGION": "us-east-1",
+        }
+
+    def __enter__(self) -> MotoProcess:
+        import boto3
+
+        moto = Path(sys.executable).parent / "moto_server"
+        self.process = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench-secret",
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket="model-bucket")
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
 def run_arm(
     arm: str, jobs: int, workdir: Path, *, concurrency: int, timeout: float, operator_env: dict[str, str]
 ) -> dict[str, Any]:
@@ -314,7 +383,8 @@ def run_arm(
     crd = yaml.safe_load(CRD_PATH.read_text())
     operator: OperatorProcess | None = None
     pid: int | None = None
-    with EmulatorThread() as api:
+    with EmulatorThread() as api, MotoProcess() as moto:
+        operator_env = moto.env | operator_env
         api.call(api.emulator.preload_crd, crd)
         kubeconfig = api.write_kubeconfig(workdir / f"kubeconfig-{arm}-{jobs}")
         api.call(RECORDER.clear)
@@ -333,7 +403,7 @@ def run_arm(
             result_path = workdir / f"driver-{arm}-{jobs}.json"
             cmd = [sys.executable, __file__, "--child", arm, "--kubeconfig", str(kubeconfig)]
             cmd += ["--jobs", str(jobs), "--concurrency", str(concurrency), "--result", str(result_path)]
-            driver = subprocess.Popen(cmd)
+            driver = subprocess.Popen(cmd, env={**os.environ, **moto.env})
             peak_kb = 0
             deadline = time.monotonic() + timeout
             complete = True
@@ -408,8 +478,20 @@ def run_arm(
         "timeline": timeline,
         "emulator_internals": dict(RECORDER.internals),
         "operator_log_warnings": sum(1 for line in log.splitlines() if " WARNING " in line or " ERROR " in line),
-        "pod_spec": next((p["spec"] for p in pods if p["metadata"]["name"] == pod_name(job_name(0))), None),
+        "pod_spec": comparable(next((p["spec"] for p in pods if p["metadata"]["name"] == pod_name(job_name(0))), None)),
     }
+
+
+def comparable(pod_spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pod spec without the job's uid (each arm creates its own job objects)."""
+    if pod_spec is None:
+        return None
+    spec = json.loads(json.dumps(pod_spec))
+    for container in spec.get("containers", []):
+        for env in container.get("env", []):
+            if env.get("name") == "TUNELOOP_JOB_UID":
+                env["value"] = "<uid>"
+    return dict(spec)
 
 
 # --- the report -----------------------------------------------------------------------------------

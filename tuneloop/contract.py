@@ -7,13 +7,18 @@ import this module, so the two sides cannot drift apart.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from datetime import datetime
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final
 
 from pydantic import ConfigDict, Field
 
 from tuneloop.api.status import CheckpointRef, Progress
 from tuneloop.api.types import ApiModel
+
+if TYPE_CHECKING:
+    from tuneloop.api.spec import FineTuneJobSpec
 
 
 class ExitCode(enum.IntEnum):
@@ -57,10 +62,38 @@ TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX_BYTES: Final = 4096
 
 
+#: Spec fields that steer the lifecycle of runs, not what a run trains: changing them never
+#: starts a new run, and a checkpoint written before the change still resumes.
+LIFECYCLE_FIELDS: Final = frozenset(
+    {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "retrain"}
+)
+#: Nested spec fields (wire names) that do not change what a run trains either.
+_NOT_TRAINED: Final = (("output", "continueLineage"),)
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    """Hash of what a run trains: the spec without :data:`LIFECYCLE_FIELDS` (16 hex digits).
+
+    The operator stores it with each run (a changed hash means a new run); the trainer writes it
+    into each checkpoint and resumes only checkpoints with its own hash. Values equal to their
+    defaults are left out, so that a field added to the API later (with a default that keeps
+    today's behaviour) does not change the hash of every existing job."""
+    full = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+    wire = {k: v for k, v in full.items() if k not in LIFECYCLE_FIELDS}
+    for parent, child in _NOT_TRAINED:
+        section = wire.get(parent)
+        if isinstance(section, dict):
+            wire[parent] = {k: v for k, v in section.items() if k != child}
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Layout:
     """Object names under ``spec.output.uri`` (relative keys, '/'-separated)."""
 
     PROMOTED: Final = "promoted.json"
+    OWNER: Final = "owner.json"
+    """Which job owns the output prefix (:mod:`tuneloop.ownership`)."""
+    RUNS: Final = "runs"
 
     @staticmethod
     def run(run: int) -> str:
@@ -71,6 +104,11 @@ class Layout:
     @classmethod
     def status(cls, run: int) -> str:
         return f"{cls.run(run)}/status.json"
+
+    @classmethod
+    def run_claim(cls, run: int) -> str:
+        """Which job claimed the run number (written once, before anything else of the run)."""
+        return f"{cls.run(run)}/run.json"
 
     @classmethod
     def checkpoints(cls, run: int) -> str:
@@ -111,6 +149,10 @@ class Heartbeat(ApiModel):
 
     run: Annotated[int, Field(ge=1)]
     """Run number."""
+    job_uid: Annotated[str, Field(max_length=128)] | None = None
+    """uid of the FineTuneJob whose pod wrote it (``null`` for ``tuneloop run``). The operator
+    reads only heartbeats with its own job's uid and run: a heartbeat left by another job (an
+    earlier job of the same name, say) is never shown as this job's progress."""
     phase: Annotated[str, Field(max_length=64)] = ""
     """The trainer's current phase (``validating``, ``training``, ``evaluating``, ``uploading``...)."""
     step: Annotated[int, Field(ge=0)] = 0
@@ -144,11 +186,17 @@ class Heartbeat(ApiModel):
         return Progress(
             step=self.step,
             total_steps=self.total_steps,
-            epoch=self.epoch,
+            epoch=round(self.epoch, 3),
             progress_percentage=self.progress_percentage,
             estimated_remaining_seconds=self.estimated_remaining_seconds,
-            loss=self.loss,
-            tokens_per_second=self.tokens_per_second,
-            metrics={k: v for k, v in self.metrics.items() if v is not None},
+            loss=_significant(self.loss, 4),
+            tokens_per_second=None if self.tokens_per_second is None else round(self.tokens_per_second, 1),
+            metrics={k: v for k, v in ((k, _significant(v, 6)) for k, v in self.metrics.items()) if v is not None},
             last_updated_time=self.last_updated_time,
         )
+
+
+def _significant(value: float | None, digits: int) -> float | None:
+    """``value`` rounded to ``digits`` significant digits (``kubectl get`` shows what is stored:
+    a loss of 0.6931471805599453 is 0.6931 there)."""
+    return None if value is None else float(f"{value:.{digits}g}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -31,13 +32,16 @@ from typing import Any, Final
 
 import kopf
 
-from tuneloop.api import GROUP, PLURAL, VERSION
+from tuneloop.api import GROUP, PLURAL, VERSION, Reason
 from tuneloop.api.status import FineTuneJobStatus
 from tuneloop.contract import Heartbeat
+from tuneloop.ownership import OutputOwnedError
+from tuneloop.storage import StorageError
 from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.heartbeat import HeartbeatError, HeartbeatReader
 from tuneloop_operator.kube import ApiError, EventSpec, KubeClient
 from tuneloop_operator.metrics import OperatorMetrics
+from tuneloop_operator.outputs import JobStorage, OutputAccess, StorageAccessError
 from tuneloop_operator.planner import (
     Observed,
     Plan,
@@ -70,6 +74,7 @@ class Runtime:
     kube: KubeClient
     metrics: OperatorMetrics
     heartbeats: HeartbeatReader
+    outputs: OutputAccess
     planner: PlannerSettings
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     queued: set[Key] = field(default_factory=set)
@@ -81,11 +86,13 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: OperatorSettings, kube: KubeClient) -> Runtime:
+        storages = JobStorage(kube)
         return cls(
             settings=settings,
             kube=kube,
             metrics=OperatorMetrics(),
-            heartbeats=HeartbeatReader(kube),
+            heartbeats=HeartbeatReader(kube, storages),
+            outputs=OutputAccess(storages),
             planner=PlannerSettings(
                 trainer_image=settings.trainer_image,
                 backoff_base_seconds=settings.backoff_base_seconds,
@@ -174,17 +181,21 @@ class Runtime:
         old = parse_status(body.get("status"))
         if heartbeat:
             await self._read_heartbeat(key, body, old)
-        the_plan = plan(
-            Observed(
-                body=body,
-                now=datetime.now(UTC).replace(microsecond=0),
-                pods=pods,
-                config_maps=config_maps,
-                services=services,
-                heartbeat=self.beats.get(key),
-            ),
-            self.planner,
+        observed = Observed(
+            body=body,
+            now=datetime.now(UTC).replace(microsecond=0),
+            pods=pods,
+            config_maps=config_maps,
+            services=services,
+            heartbeat=self.beats.get(key),
         )
+        the_plan = plan(observed, self.planner)
+        if the_plan.needs_output:
+            # A run would start: read who owns the output prefix and which runs it holds first.
+            job, _ = parse_job(body)
+            if job is not None:
+                output = await self.outputs.observe(job)
+                the_plan = plan(dataclasses.replace(observed, output=output), self.planner)
         await self._execute(key, body, old, the_plan)
 
     async def _read_heartbeat(self, key: Key, body: Mapping[str, Any], status: FineTuneJobStatus) -> None:
@@ -210,6 +221,8 @@ class Runtime:
 
     async def _execute(self, key: Key, body: Mapping[str, Any], old: FineTuneJobStatus, the_plan: Plan) -> None:
         namespace, name = key
+        if the_plan.claim is not None:
+            await self._claim(body, the_plan)
         for ref in the_plan.delete:
             await self.kube.delete(namespace, ref.kind, ref.name)
         for obj in the_plan.create:
@@ -230,6 +243,23 @@ class Runtime:
         self._account(key, the_plan)
         if the_plan.requeue_after is not None:
             self.schedule(key, the_plan.requeue_after)
+
+    async def _claim(self, body: Mapping[str, Any], the_plan: Plan) -> None:
+        """Claim the output prefix and the run number before anything of the run exists; a
+        claim lost to a race since the prefix was read aborts the plan (the next reconcile
+        reads it again and numbers the run after the winner's, or reports the new owner)."""
+        claim = the_plan.claim
+        job, _ = parse_job(body)
+        if claim is None or job is None:
+            return
+        try:
+            await self.outputs.claim(job, claim)
+        except OutputOwnedError as exc:
+            raise RetryLater(f"claiming run {claim.run}: {exc}", delay=1) from None
+        except (StorageError, StorageAccessError) as exc:
+            message = f"cannot claim run {claim.run} under spec.output.uri {job.spec.output.uri}: {exc}; retrying"
+            await self._post(body, EventSpec("Warning", Reason.OUTPUT_UNAVAILABLE, message[:1024]))
+            raise RetryLater(message, delay=30) from None
 
     async def _post(self, body: Mapping[str, Any], event: EventSpec) -> None:
         try:

@@ -25,7 +25,6 @@ write to the same run prefix at once).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -51,7 +50,9 @@ from tuneloop.api.status import (
     RunTrigger,
     find_condition,
 )
-from tuneloop.contract import ExitCode, Heartbeat, is_retryable
+from tuneloop.contract import LIFECYCLE_FIELDS, ExitCode, Heartbeat, is_retryable
+from tuneloop.contract import spec_hash as contract_spec_hash
+from tuneloop.ownership import JobIdentity, OwnerRecord, ownership_problem
 from tuneloop.validate import Problem, validate_manifest
 from tuneloop_operator.conditions import set_condition, with_phase
 from tuneloop_operator.render import (
@@ -66,12 +67,7 @@ from tuneloop_operator.render import (
     render_service,
 )
 
-#: Spec fields that steer the lifecycle of runs, not what a run trains: changing them never
-#: starts a new run.
-LIFECYCLE_FIELDS: Final = frozenset(
-    {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "retrain"}
-)
-#: The same, as attribute names of the spec model.
+#: Spec fields (:data:`tuneloop.contract.LIFECYCLE_FIELDS`), as attribute names of the spec model.
 _LIFECYCLE_ATTRS: Final = tuple(
     name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in LIFECYCLE_FIELDS
 )
@@ -115,6 +111,11 @@ PERMANENT_REASONS: Final[dict[int, str]] = {
 MAX_EVENT_MESSAGE: Final = 1024
 MAX_URI: Final = 2048
 MAX_ATTEMPT_MESSAGE: Final = 1024
+#: Seconds before a job refused for its output (``OutputOwned``) looks at the owner again: the
+#: other job may be deleted and its owner record removed, and the job then starts by itself.
+OUTPUT_RECHECK_SECONDS: Final = 300.0
+#: Seconds before an output that could not be read is tried again.
+OUTPUT_RETRY_SECONDS: Final = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,42 @@ class ObjectRef:
     name: str
 
 
+@dataclass(frozen=True)
+class OutputView:
+    """What the output prefix (``spec.output.uri``) says, read before a run starts."""
+
+    owner: OwnerRecord | None = None
+    """``owner.json`` (``None``: nobody claimed the prefix yet)."""
+    highest_run: int = 0
+    """The highest ``runs/<n>/`` under the prefix: new runs are numbered above it."""
+    error: str | None = None
+    """Why the prefix could not be read (then nothing else is known)."""
+
+
+@dataclass(frozen=True)
+class OutputClaim:
+    """Claims the executor makes before it creates a run's objects: the prefix for the job (if
+    not yet its own) and the run number. A lost race aborts the plan; the next reconcile reads
+    the prefix again (:mod:`tuneloop.ownership`)."""
+
+    identity: JobIdentity
+    run: int
+    spec_hash: str
+    continue_lineage: bool
+
+
 @dataclass
 class Plan:
-    """What to do. The executor deletes, then creates (in order), then patches the status
-    (only if it differs from the observed one), then posts the events."""
+    """What to do. The executor makes the output claim (if any), deletes, then creates (in
+    order), then patches the status (only if it differs from the observed one), then posts the
+    events."""
 
     status: FineTuneJobStatus
+    claim: OutputClaim | None = None
+    """Claim the output prefix and this run number before creating anything."""
+    needs_output: bool = False
+    """A run would start, but the output prefix was not read: read it (:class:`OutputView`) and
+    plan again."""
     create: list[Manifest] = field(default_factory=list)
     delete: list[ObjectRef] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -290,6 +321,8 @@ class Observed:
     """Services labelled with the job's name."""
     heartbeat: Heartbeat | None = None
     """The current run's heartbeat, when it was read."""
+    output: OutputView | None = None
+    """The output prefix's owner and runs, read when the plan asked for it (``needs_output``)."""
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -321,9 +354,8 @@ def parse_job(body: Mapping[str, Any]) -> tuple[FineTuneJob | None, list[Problem
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """Hash of what a run trains: the spec without :data:`LIFECYCLE_FIELDS`."""
-    wire = {k: v for k, v in job.spec.to_wire().items() if k not in LIFECYCLE_FIELDS}
-    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of what a run trains (:func:`tuneloop.contract.spec_hash`)."""
+    return contract_spec_hash(job.spec)
 
 
 def owner_of(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -344,6 +376,21 @@ def backoff_seconds(failures: int, settings: PlannerSettings) -> float:
 def _short(text: str, limit: int) -> str:
     text = " ".join(text.split()) if "\n" not in text.strip() else text.strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cause_of(text: str) -> str:
+    """The cause in a pod's own words: a termination message that is not the trainer's summary
+    is the tail of its log (``FallbackToLogsOnError``: an out-of-memory kill, a crash before the
+    trainer could write one). From a Python traceback that is its last line (``Type: message``),
+    not a cut-off middle of the stack; otherwise the last line of the log."""
+    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        # The exception line is the last one not indented (the stack frames are).
+        unindented = [line for line in lines if not line[:1].isspace()]
+        return unindented[-1] if unindented else lines[-1]
+    return lines[-1]
 
 
 def parse_summary(message: str) -> dict[str, Any]:
@@ -515,7 +562,9 @@ class _Planner:
                 self.suspended_idle()
                 return
             if self.status.current_run is None or self.wants_new_run(job, self.status.current_run):
-                self.start_run(job)
+                number = self.claimable_run(job)
+                if number is not None:
+                    self.start_run(job, number)
                 return
             suspended = find_condition(self.status.conditions, ConditionType.SUSPENDED)
             if suspended is not None and suspended.status == "True":
@@ -641,11 +690,58 @@ class _Planner:
                 f"generation {self.generation} observed; retrain.onSpecChange is false, so no new run starts",
             )
 
+    # -- the output prefix --
+
+    def identity(self) -> JobIdentity:
+        meta = self.obs.body.get("metadata") or {}
+        uid = meta.get("uid")
+        return JobIdentity(name=self.name, namespace=meta.get("namespace"), uid=str(uid) if uid else None)
+
+    def claimable_run(self, job: FineTuneJob) -> int | None:
+        """The number of the run to start, when the output prefix may be written by this job
+        (the claim goes into the plan); ``None`` when it may not (said in the conditions) or
+        was not read yet (``plan.needs_output``)."""
+        view = self.obs.output
+        if view is None:
+            self.plan.needs_output = True
+            return None
+        uri = job.spec.output.uri
+        if view.error is not None:
+            message = f"cannot read spec.output.uri {uri} to claim it: {view.error}; retrying"
+            self.cond(ConditionType.RUNNING, "False", Reason.OUTPUT_UNAVAILABLE, _short(message, 1024))
+            if self.cond_changed(ConditionType.RUNNING):
+                self.event("Warning", Reason.OUTPUT_UNAVAILABLE, message)
+            self.plan.requeue(OUTPUT_RETRY_SECONDS)
+            return None
+        me = self.identity()
+        lineage = job.spec.output.continue_lineage
+        problem = ownership_problem(view.owner, me, continue_lineage=lineage, output_uri=uri)
+        if problem is not None:
+            self.cond(ConditionType.FAILED, "True", Reason.OUTPUT_OWNED, problem)
+            self.cond(
+                ConditionType.READY, "False", Reason.OUTPUT_OWNED, "no run starts: the output belongs to another job"
+            )
+            self.cond(ConditionType.RUNNING, "False", Reason.OUTPUT_OWNED, "no run starts: see the Failed condition")
+            if self.cond_changed(ConditionType.FAILED):
+                self.event("Warning", Reason.OUTPUT_OWNED, problem)
+            self.plan.requeue(OUTPUT_RECHECK_SECONDS)
+            return None
+        last = self.status.current_run.number if self.status.current_run is not None else 0
+        number = max(last, view.highest_run) + 1
+        self.plan.claim = OutputClaim(identity=me, run=number, spec_hash=spec_hash(job), continue_lineage=lineage)
+        if view.owner is not None and not view.owner.owner.same_job(me):
+            self.event(
+                "Normal",
+                Reason.RUN_STARTED,
+                f"spec.output.continueLineage: continuing the runs of {view.owner.owner.describe()} under {uri}; "
+                f"the first run of this job is run {number}",
+            )
+        return number
+
     # -- starting --
 
-    def start_run(self, job: FineTuneJob) -> None:
+    def start_run(self, job: FineTuneJob, number: int) -> None:
         last = self.status.current_run
-        number = 1 if last is None else last.number + 1
         trigger: RunTrigger = "Created" if last is None else "SpecChange"
         child = names(self.name, number, 1)
         pods = [child.pod(r) for r in range(job.spec.resources.nodes)]
@@ -839,8 +935,8 @@ class _Planner:
             self.cond(ConditionType.RUNNING, "True", Reason.POD_PENDING, f"waiting for pod(s) {pending} to start")
 
     def running(self, current: CurrentRun) -> None:
-        beat = self.obs.heartbeat
-        phase = beat.phase if beat is not None and beat.run == current.number else ""
+        beat = self.own_heartbeat(current)
+        phase = beat.phase if beat is not None else ""
         progress = current.progress
         if phase == "evaluating":
             self.cond(ConditionType.RUNNING, "True", Reason.EVALUATING, f"run {current.number} is evaluating")
@@ -857,9 +953,17 @@ class _Planner:
         if data is None or data.status != "True":
             self.cond(ConditionType.DATA_VALID, "True", Reason.DATA_VALIDATED, "the data passed validation")
 
-    def apply_heartbeat(self, current: CurrentRun) -> None:
+    def own_heartbeat(self, current: CurrentRun) -> Heartbeat | None:
+        """The heartbeat, if this run's pods wrote it (same run, same job uid): a heartbeat left
+        under the prefix by another job is never this job's progress."""
         beat = self.obs.heartbeat
-        if beat is None or beat.run != current.number:
+        if beat is None or beat.run != current.number or beat.job_uid != self.identity().uid:
+            return None
+        return beat
+
+    def apply_heartbeat(self, current: CurrentRun) -> None:
+        beat = self.own_heartbeat(current)
+        if beat is None:
             return
         current.progress = beat.progress()
         if beat.last_checkpoint is not None:
@@ -890,7 +994,7 @@ class _Planner:
 
     def attempt_failed(self, job: FineTuneJob, current: CurrentRun, pod: PodView) -> None:
         summary = parse_summary(pod.termination_message)
-        said = str(summary.get("message") or "") if summary else pod.termination_message
+        said = str(summary.get("message") or "") if summary else cause_of(pod.termination_message)
         if pod.exit_code is None:
             # Failed before (or without) a container exit: rejected by the kubelet, say. Retryable.
             code = None
@@ -900,6 +1004,8 @@ class _Planner:
             detail = f"pod {pod.name} exited with code {code}" + (f": {_short(said, 600)}" if said.strip() else "")
         if code is not None and not is_retryable(code):
             reason = PERMANENT_REASONS.get(code, Reason.INVALID_CONFIG)
+            if code == ExitCode.INVALID_CONFIG and summary.get("reason") == Reason.OUTPUT_OWNED:
+                reason = Reason.OUTPUT_OWNED  # the trainer found its output or run claimed by another job
             self.close_attempt(current, reason, detail, exit_code=code)
             if reason == Reason.INVALID_DATA:
                 self.cond(ConditionType.DATA_VALID, "False", Reason.INVALID_DATA, _short(said or detail, 1000))
@@ -962,6 +1068,9 @@ class _Planner:
         current.reason = reason
         current.completion_time = self.now
         current.retry_after = None
+        headline = headline_metric(job, metrics)
+        if result == "Succeeded" and not message:
+            message = "succeeded" + (f" ({headline})" if headline else "")
         record = RunRecord(
             number=current.number,
             trigger=current.trigger,
@@ -977,7 +1086,6 @@ class _Planner:
             message=_short(message, 1024),
         )
         self.status.runs = [*(r for r in self.status.runs if r.number != current.number), record][-MAX_RUN_HISTORY:]
-        headline = headline_metric(job, metrics)
         if headline is not None:
             self.status.metric = headline
         self.plan.finished = (result, reason)
@@ -985,20 +1093,23 @@ class _Planner:
             self.plan.requeue(job.spec.ttl_seconds_after_finished)
         if self.live is not None and self.wants_new_run(self.live, current):
             self.plan.requeue(0.0)
+        # The whole story goes once, into the condition that tells it (Complete or Failed);
+        # the others say where it went.
         if result == "Succeeded":
             where = f"; model at {model_uri}" if model_uri else ""
             text = f"run {current.number} succeeded{f' ({headline})' if headline else ''}{where}"
-            self.cond(ConditionType.RUNNING, "False", Reason.SUCCEEDED, text)
+            self.cond(ConditionType.RUNNING, "False", Reason.SUCCEEDED, f"run {current.number} ended")
             self.cond(ConditionType.COMPLETE, "True", Reason.SUCCEEDED, text)
-            self.cond(ConditionType.FAILED, "False", Reason.SUCCEEDED, text)
-            self.cond(ConditionType.READY, "True", Reason.SUCCEEDED, text)
+            self.cond(ConditionType.FAILED, "False", Reason.SUCCEEDED, f"run {current.number} succeeded")
+            self.cond(ConditionType.READY, "True", Reason.SUCCEEDED, f"run {current.number}'s model is available")
             self.event("Normal", Reason.SUCCEEDED, text)
             return
         text = f"run {current.number} failed ({reason}): {message}"
-        self.cond(ConditionType.RUNNING, "False", reason, text)
-        self.cond(ConditionType.COMPLETE, "False", reason, text)
+        short = f"run {current.number} failed ({reason}): see the Failed condition"
+        self.cond(ConditionType.RUNNING, "False", reason, f"run {current.number} ended")
+        self.cond(ConditionType.COMPLETE, "False", reason, short)
         self.cond(ConditionType.FAILED, "True", reason, text)
-        self.cond(ConditionType.READY, "False", reason, text)
+        self.cond(ConditionType.READY, "False", reason, short)
         self.event("Warning", reason, text)
 
     # -- suspend --

@@ -227,10 +227,15 @@ def master_addr(job: FineTuneJob, run: int, attempt: int) -> str:
     return f"{child.pod(0)}.{child.service}.{_namespace(job)}.svc"
 
 
-def _pod_env(job: FineTuneJob, run: int, attempt: int, node_rank: int, metrics_port: int) -> list[Manifest]:
+def _pod_env(
+    job: FineTuneJob, run: int, attempt: int, node_rank: int, *, metrics_port: int, job_uid: str
+) -> list[Manifest]:
     spec = job.spec
     env = [
         _env("TUNELOOP_JOB_NAME", job.metadata.name),
+        # Who the trainer writes as: it checks the output's owner and run claim against it,
+        # records it in checkpoints and heartbeats (see tuneloop.ownership).
+        _env("TUNELOOP_JOB_UID", job_uid),
         _env("TUNELOOP_RUN", str(run)),
         _env("TUNELOOP_OUTPUT_URI", spec.output.uri),
         # Where this run writes (checkpoints, heartbeat, model): for people and tools reading the pod.
@@ -340,7 +345,9 @@ def render_pod(
         "name": CONTAINER_NAME,
         "image": res.image or image,
         "command": trainer_command(job, run, attempt, node_rank),
-        "env": _pod_env(job, run, attempt, node_rank, metrics_port),
+        "env": _pod_env(
+            job, run, attempt, node_rank, metrics_port=metrics_port, job_uid=str(owner_references(owner)[0]["uid"])
+        ),
         "ports": ports,
         "resources": _resources(job),
         "volumeMounts": [

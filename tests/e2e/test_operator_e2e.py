@@ -479,7 +479,7 @@ def test_a_two_node_run_trains_as_one_and_is_retried_as_one(world: World) -> Non
 
 
 def test_a_pod_the_api_server_refuses_is_reported_and_retried_slowly(
-    k8s_api: K8sApi, operator: OperatorProcess, tiny_model_dir: Any, data: Path, s3: S3Harness
+    k8s_api: K8sApi, operator: OperatorProcess, tiny_model_dir: Any, data: Path, s3: S3Harness, secret: None
 ) -> None:
     # An admission refusal (quota, policy) of every pod create: an event says so, the job is not
     # marked as started, and the operator does not hammer the API server.
@@ -499,3 +499,60 @@ def test_a_pod_the_api_server_refuses_is_reported_and_retried_slowly(
     assert len([e for e in events_of(k8s_api, "refused") if e[1] == "PodCreateFailed"]) == 1  # retried after 30 s
     assert "currentRun" not in status_of(k8s_api, "refused")  # nothing recorded as started
     assert not more
+
+
+def test_jobs_never_share_an_output_and_a_recreated_job_continues_only_when_asked(world: World) -> None:
+    """Issue #9: a second job on the same output.uri resumed and overwrote the first job's run 1;
+    `kubectl delete` + re-apply resumed the old checkpoint with the old optimizer state."""
+    k8s_api, s3 = world.k8s, world.s3
+    first = world.job("tiny")
+    k8s_api.create(first)
+    done = wait_status(k8s_api, "tiny", phase_is("Succeeded", "Failed"), what="the first job's run")
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    uid = k8s_api.get(API, KIND, "tiny", NS)["metadata"]["uid"]
+    model_key = "jobs/tiny/runs/1/model/model.safetensors"
+    model_before = s3.get_bytes(model_key)
+    owner = json.loads(s3.get_bytes("jobs/tiny/owner.json"))
+    assert owner["owner"] == {"namespace": NS, "name": "tiny", "uid": uid}
+
+    # Another job, same output: refused, named, no pod.
+    copycat = world.job("copycat")
+    copycat["spec"]["output"]["uri"] = first["spec"]["output"]["uri"]
+    k8s_api.create(copycat)
+    refused = wait_status(
+        k8s_api, "copycat", lambda s: condition(s, "Failed").get("reason") == "OutputOwned", what="OutputOwned"
+    )
+    assert f"FineTuneJob {NS}/tiny (uid {uid})" in condition(refused, "Failed")["message"]
+    assert pods_of(k8s_api, "copycat") == []
+    k8s_api.wait_for(
+        lambda: "OutputOwned" in [r for _, r, _ in events_of(k8s_api, "copycat")], message="an OutputOwned event"
+    )
+
+    # Delete tiny, apply it again with new hyperparameters: refused until continueLineage is set.
+    k8s_api.delete(API, KIND, "tiny", NS)
+    k8s_api.wait_for(lambda: k8s_api.get(API, KIND, "tiny", NS) is None, timeout=30, message="tiny to go")
+    again = world.job("tiny")
+    again["spec"]["hyperparameters"]["learningRate"] = 1e-3
+    k8s_api.create(again)
+    refused = wait_status(
+        k8s_api, "tiny", lambda s: condition(s, "Failed").get("reason") == "OutputOwned", what="OutputOwned"
+    )
+    assert "continueLineage: true" in condition(refused, "Failed")["message"]
+    assert pods_of(k8s_api, "tiny") == []
+    k8s_api.patch(API, KIND, "tiny", {"spec": {"output": {"continueLineage": True}}}, NS)
+    done = wait_status(
+        k8s_api,
+        "tiny",
+        lambda s: (s.get("currentRun") or {}).get("result") is not None,
+        what="the re-created job's run",
+    )
+    assert done["phase"] == "Succeeded", json.dumps(done, indent=1)
+    assert done["currentRun"]["number"] == 2, "numbered after the predecessor's run, never on top of it"
+    log = world.kubelet.logs(NS, "tiny-r2-a1-n0")
+    assert "resumed from" not in log
+    assert s3.get_bytes(model_key) == model_before, "the predecessor's model is untouched"
+    owner = json.loads(s3.get_bytes("jobs/tiny/owner.json"))
+    assert owner["owner"]["uid"] != uid and owner["lineage"] == [{"namespace": NS, "name": "tiny", "uid": uid}]
+    # copycat is still refused, now naming the new owner.
+    refused = wait_status(k8s_api, "copycat", lambda s: condition(s, "Failed").get("reason") == "OutputOwned")
+    assert pods_of(k8s_api, "copycat") == []

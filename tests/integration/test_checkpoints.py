@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.harness.s3 import S3Harness
-from tuneloop.storage import ObjectInfo, Storage, StorageError
+from tuneloop.storage import ObjectInfo, Storage, StorageError, VersionedBytes
 from tuneloop_trainer.checkpoints import (
     CheckpointManager,
     CheckpointState,
@@ -109,6 +109,18 @@ class Delegating(Storage):
 
     def delete_prefix(self, uri: str) -> int:
         return self.inner.delete_prefix(uri)
+
+    def create_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        self.inner.create_bytes(uri, data, content_type=content_type)
+
+    def read_versioned(self, uri: str) -> VersionedBytes:
+        return self.inner.read_versioned(uri)
+
+    def replace_bytes(self, uri: str, data: bytes, *, etag: str, content_type: str | None = None) -> None:
+        self.inner.replace_bytes(uri, data, etag=etag, content_type=content_type)
+
+    def list_dirs(self, uri: str) -> list[str]:
+        return self.inner.list_dirs(uri)
 
 
 class Gated(Delegating):
@@ -403,3 +415,44 @@ def test_objects_stay_weights_only_loadable(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError):
         torch.save({"bad": np.random.get_state()}, path)
         torch.load(path, weights_only=True)
+
+
+def test_only_the_writer_identity_resumes_and_foreign_checkpoints_are_cleaned_up(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Issue #9: a re-created job resumed the old job's step-20 checkpoint with the old optimizer and
+    scheduler state. A checkpoint records who wrote it; another identity never loads it."""
+    old = {"namespace": "ml", "name": "tiny", "uid": "uid-1", "run": 1, "specHash": "aaaa"}
+    writer = manager(backend, tmp_path, identity=old)
+    for step in (10, 20):
+        writer.save(step, tiny_state(step), blocking=True)
+    writer.close()
+    assert json.loads(backend.get("step-00000020/manifest.json"))["identity"] == old
+
+    same = manager(backend, tmp_path, identity=dict(old))
+    loaded = same.load()
+    assert loaded is not None and loaded[0].step == 20
+
+    for other in ({**old, "specHash": "bbbb"}, {**old, "uid": "uid-2"}, {**old, "run": 2}):
+        reader = manager(backend, tmp_path, identity=other)
+        assert reader.load() is None, other
+        assert [c.step for c in reader.foreign()] == [10, 20]
+        assert reader.complete() == []
+
+    # The new spec's first checkpoint (step 2, below the foreign step 20) removes every foreign one.
+    new = manager(backend, tmp_path, identity={**old, "specHash": "bbbb"})
+    new.save(2, tiny_state(2), blocking=True)
+    new.close()
+    assert backend.steps() == ["step-00000002"]
+
+
+def test_checkpoints_without_an_identity_are_not_resumed_by_an_identified_writer(
+    backend: Backend, tmp_path: Path
+) -> None:
+    legacy = manager(backend, tmp_path)  # an older trainer: no identity in the manifest
+    legacy.save(5, tiny_state(5), blocking=True)
+    legacy.close()
+    reader = manager(
+        backend, tmp_path, identity={"namespace": None, "name": "t", "uid": None, "run": 1, "specHash": "x"}
+    )
+    assert reader.load() is None and [c.step for c in reader.foreign()] == [5]

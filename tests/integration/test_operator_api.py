@@ -86,6 +86,18 @@ def test_events_point_at_the_job_and_secrets_decode(k8s_api: K8sApi, kube: KubeC
     assert run(kube.get_secret_data("default", "missing")) is None
 
 
+def create_credentials(k8s_api: K8sApi) -> None:
+    """The Secret ``creds`` with the moto server's (any) key pair."""
+    k8s_api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "creds", "namespace": "default"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "tuneloop-test", "AWS_SECRET_ACCESS_KEY": "x"},
+        }
+    )
+
+
 def job_on(s3: S3Harness, secret: str | None) -> FineTuneJob:
     m = minimal_job(name="hb")
     m["spec"]["output"] = {"uri": s3.uri("jobs/hb/")}
@@ -99,14 +111,7 @@ def test_the_heartbeat_is_read_with_the_jobs_secret(
     k8s_api: K8sApi, kube: KubeClient, s3_no_ambient_credentials: S3Harness
 ) -> None:
     s3 = s3_no_ambient_credentials
-    k8s_api.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "creds", "namespace": "default"},
-            "stringData": {"AWS_ACCESS_KEY_ID": "tuneloop-test", "AWS_SECRET_ACCESS_KEY": "x"},
-        }
-    )
+    create_credentials(k8s_api)
     reader = HeartbeatReader(kube)
     job = job_on(s3, "creds")
     assert run(reader.read(job, 1)) is None  # not written yet: not an error
@@ -120,3 +125,31 @@ def test_the_heartbeat_is_read_with_the_jobs_secret(
         run(reader.read(job, 2))
     with pytest.raises(HeartbeatError, match="secret default/gone"):
         run(reader.read(job_on(s3, "gone"), 1))
+
+
+def test_the_output_is_read_and_claimed_with_the_jobs_secret(
+    k8s_api: K8sApi, kube: KubeClient, s3_no_ambient_credentials: S3Harness
+) -> None:
+    from tuneloop.ownership import JobIdentity, OutputOwnedError
+    from tuneloop_operator.outputs import JobStorage, OutputAccess
+    from tuneloop_operator.planner import OutputClaim
+
+    s3 = s3_no_ambient_credentials
+    create_credentials(k8s_api)
+    outputs = OutputAccess(JobStorage(kube))
+    job = job_on(s3, "creds")
+    view = run(outputs.observe(job))
+    assert view.owner is None and view.highest_run == 0 and view.error is None
+
+    me = JobIdentity(namespace="default", name=job.metadata.name, uid="uid-1")
+    run(outputs.claim(job, OutputClaim(identity=me, run=1, spec_hash="h", continue_lineage=False)))
+    view = run(outputs.observe(job))
+    assert view.owner is not None and view.owner.owner == me and view.highest_run == 1
+    assert json.loads(s3.get_bytes(f"jobs/hb/{Layout.run_claim(1)}"))["claimedBy"] == "operator"
+
+    other = JobIdentity(namespace="default", name="other", uid="uid-2")
+    with pytest.raises(OutputOwnedError, match="uid uid-1"):
+        run(outputs.claim(job, OutputClaim(identity=other, run=2, spec_hash="h", continue_lineage=False)))
+
+    unreadable = run(outputs.observe(job_on(s3, "gone")))
+    assert unreadable.error is not None and "secret default/gone" in unreadable.error

@@ -16,6 +16,11 @@ Why it is built this way:
   there would be a code-execution path (cf. CVE-2025-32434). Weights are safetensors, and the rest
   is loaded only with ``torch.load(weights_only=True)``; :func:`capture_rng` turns RNG states into
   plain lists and tensors so they pass that loader.
+* **Only the writer resumes.** Each manifest records who wrote it (``identity``: job namespace,
+  name and uid, run, spec hash). A checkpoint whose identity is not the manager's own is invisible
+  to :meth:`~CheckpointManager.complete` and :meth:`~CheckpointManager.load` (listed by
+  :meth:`~CheckpointManager.foreign`) and is deleted by retention: another spec's optimizer state
+  must never continue this one.
 * **Corruption falls back.** :meth:`CheckpointManager.load` checks each file's SHA-256 against the
   manifest; a checkpoint that fails any check is skipped with a warning for the previous one.
 * **Failures surface.** An upload error is re-raised by the next :meth:`~CheckpointManager.wait`
@@ -176,6 +181,7 @@ class CheckpointManager:
         *,
         keep: int,
         best_metric_mode: Literal["min", "max"] | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
@@ -186,6 +192,8 @@ class CheckpointManager:
         self.local_dir = Path(local_dir)
         self.keep = keep
         self.best_metric_mode = best_metric_mode
+        self.identity = dict(identity) if identity is not None else None
+        """Who writes: recorded in each manifest; only checkpoints with the same identity resume."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future[None] | None = None
         self._manifests: dict[int, tuple[str | None, int, dict[str, Any]]] = {}
@@ -276,6 +284,8 @@ class CheckpointManager:
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "files": files,
             }
+            if self.identity is not None:
+                manifest["identity"] = self.identity
             self.storage.write_json(safe_join(uri, MANIFEST_NAME), manifest)
             self.uploads += 1
             self.last_bytes = sum(int(f["size"]) for f in files)
@@ -303,13 +313,15 @@ class CheckpointManager:
         groups = self._scan()
         # Steps above ``newest`` belong to an attempt that got further before it died (this one
         # resumed from an older checkpoint): leave them for the next save of that step to replace.
+        # Checkpoints of another writer (see ``identity``) can never be resumed: they all go.
         complete = [info for info in self._complete_from(groups) if info.step <= newest]
+        foreign = {info.step for info in self._complete_from(groups, own=False)}
         kept = {newest, *(info.step for info in complete[-self.keep :])}
         best = self._best_of(complete)
         if best is not None:
             kept.add(best.step)
         for step in sorted(groups):
-            if step in kept or step > newest:
+            if step in kept or (step > newest and step not in foreign):
                 continue
             uri = self.step_uri(step)
             # Manifest first: a half-deleted checkpoint must already read as incomplete.
@@ -349,7 +361,11 @@ class CheckpointManager:
             self._manifests[step] = (obj.etag, obj.size, manifest)
         return manifest
 
-    def _complete_from(self, groups: dict[int, dict[str, ObjectInfo]]) -> list[CheckpointInfo]:
+    def _own(self, manifest: dict[str, Any]) -> bool:
+        return self.identity is None or manifest.get("identity") == self.identity
+
+    def _complete_from(self, groups: dict[int, dict[str, ObjectInfo]], *, own: bool = True) -> list[CheckpointInfo]:
+        """The complete checkpoints written by this manager's identity (``own=False``: by others)."""
         out = []
         for step in sorted(groups):
             objects = groups[step]
@@ -364,12 +380,19 @@ class CheckpointManager:
             if missing:
                 logger.warning("ignoring checkpoint step %d: missing or wrong-sized %s", step, ", ".join(missing))
                 continue
-            out.append(CheckpointInfo(step=step, uri=self.step_uri(step), manifest=manifest))
+            if self._own(manifest) == own:
+                out.append(CheckpointInfo(step=step, uri=self.step_uri(step), manifest=manifest))
         return out
 
     def complete(self) -> list[CheckpointInfo]:
-        """Every complete checkpoint, oldest first (one listing plus uncached manifest reads)."""
+        """Every complete checkpoint of this identity, oldest first (one listing plus uncached
+        manifest reads)."""
         return self._complete_from(self._scan())
+
+    def foreign(self) -> list[CheckpointInfo]:
+        """Complete checkpoints written by another identity (another job, run or spec): never
+        resumed, deleted by retention after this manager's next upload."""
+        return self._complete_from(self._scan(), own=False)
 
     def latest_complete(self) -> CheckpointInfo | None:
         """The newest checkpoint whose manifest exists and whose objects exist with the listed sizes.

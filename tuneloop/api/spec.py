@@ -153,6 +153,14 @@ class DataCleaning(ApiModel):
     """Drop rows whose input is shorter than this many characters."""
     max_tokens: Annotated[int, Field(gt=0)] | None = None
     """Drop rows longer than this many tokens instead of truncating them at ``maxSeqLength``."""
+    max_row_bytes: Annotated[int, Field(gt=0)] = 1048576
+    """Largest row, in bytes, that is read at all (default 1 MiB). A bigger row is dropped
+    and counted under the drop reason ``too_large`` in the validation report, with its
+    ``file:line`` reference, so one huge row cannot exhaust the trainer's memory or time.
+    JSON lines, CSV and TSV are read line by line with a bounded read: the rest of an oversize
+    line (or CSV record) is skipped without being kept. Parquet is columnar and JSON-array
+    files are parsed whole, so there each row is checked after reading (the bytes of the
+    values in the configured columns); prefer JSON lines for very large data."""
 
 
 class ClassBalance(ApiModel):
@@ -293,7 +301,13 @@ class Hyperparameters(ApiModel):
     dropout: Ratio | None = None
     """Override the model's dropout probabilities."""
     max_seq_length: Annotated[int, Field(ge=8, le=131072)] = 512
-    """Longer inputs are truncated (or dropped, see ``dataset.cleaning.maxTokens``)."""
+    """Longest input in tokens; longer inputs are truncated (or dropped, see
+    ``dataset.cleaning.maxTokens``). Capped at what the base model takes: its position
+    embeddings (``max_position_embeddings``, ``n_positions`` for GPT-2; two fewer for
+    RoBERTa-style models, whose positions start after the padding index), less the virtual
+    tokens of ``prefix-tuning`` and ``prompt-tuning``. A larger value is lowered to that limit
+    with a warning on the console, in the validation report and in the model card. Models
+    with relative positions only (T5) have no such limit."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on GPUs that support it, else fp16 with loss scaling on GPUs, fp32 on CPU."""
     seed: Annotated[int, Field(ge=0)] = 42
@@ -405,7 +419,14 @@ class Output(ApiModel):
     """Where the run's checkpoints, model, model card and report go."""
 
     uri: OutputUri
-    """Prefix for everything this job writes: ``runs/<n>/…`` and ``promoted.json``."""
+    """Prefix for everything this job writes: ``runs/<n>/…`` and ``promoted.json``. The first
+    job to run claims it (``owner.json``: namespace, name, uid); another job pointing at it is
+    refused (condition ``Failed``, reason ``OutputOwned``, naming the owner)."""
+    continue_lineage: bool = False
+    """Set on a re-created job (same namespace and name, new uid: ``kubectl delete`` then
+    ``apply``) to take over the output its predecessor owned: its runs are numbered after the
+    predecessor's and are compared with the predecessor's promoted model. No checkpoint of the
+    predecessor is ever resumed. Without it, such a job is refused (``OutputOwned``)."""
     save: Literal["adapter", "merged"] | None = None
     """For PEFT methods: save the ``adapter`` alone (default), or weights ``merged`` into the
     base model. Full fine-tuning always saves full weights."""

@@ -106,6 +106,11 @@ class Reason:
     """``ttlSecondsAfterFinished`` passed: the finished runs' pods and ConfigMaps were deleted."""
     ARTIFACTS_RETAINED: Final = "ArtifactsRetained"
     """The job was deleted: its pods are gone, its checkpoints and models stay in S3."""
+    OUTPUT_OWNED: Final = "OutputOwned"
+    """``spec.output.uri`` belongs to another job (or to a deleted job of the same name without
+    ``spec.output.continueLineage``); no run starts. The message names the owner."""
+    OUTPUT_UNAVAILABLE: Final = "OutputUnavailable"
+    """The output location could not be read or claimed (access, endpoint); retried."""
 
 
 class Condition(ApiModel):

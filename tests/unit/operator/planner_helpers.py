@@ -6,6 +6,7 @@ a kubelet (or a scheduler, an eviction, a lost node) would."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 from tests.manifests import minimal_job
 from tuneloop.api.status import Condition, FineTuneJobStatus, find_condition
 from tuneloop.contract import Heartbeat
+from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
-from tuneloop_operator.planner import Event, Observed, Plan, PlannerSettings, parse_status, plan
+from tuneloop_operator.planner import Event, Observed, OutputView, Plan, PlannerSettings, parse_status, plan
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 IMAGE = "ghcr.io/tuneloop/trainer:0.1.0"
@@ -67,6 +69,14 @@ class World:
         self.patches = 0
         """Status patches sent so far (only on change)."""
         self.last_plan: Plan | None = None
+        self.output_owner: OwnerRecord | None = None
+        """``owner.json`` of the job's output prefix."""
+        self.output_runs: dict[int, JobIdentity] = {}
+        """``runs/<n>/run.json`` claims under the prefix (or runs found there, by whoever)."""
+        self.output_error: str | None = None
+        """Set to make the prefix unreadable."""
+        self.output_reads = 0
+        """How often the executor read the prefix."""
 
     # -- the operator's side --
 
@@ -80,9 +90,20 @@ class World:
             heartbeat=self.heartbeat,
         )
 
+    def output_view(self) -> OutputView:
+        self.output_reads += 1
+        if self.output_error is not None:
+            return OutputView(error=self.output_error)
+        return OutputView(owner=self.output_owner, highest_run=max(self.output_runs, default=0))
+
     def plan(self) -> Plan:
-        """Plan without carrying the plan out."""
-        return plan(self.observed(), self.settings)
+        """Plan without carrying the plan out; like the executor, read the output prefix and
+        plan again when the plan asks for it."""
+        observed = self.observed()
+        the_plan = plan(observed, self.settings)
+        if the_plan.needs_output:
+            the_plan = plan(dataclasses.replace(observed, output=self.output_view()), self.settings)
+        return the_plan
 
     def reconcile(self) -> Plan:
         """Plan, then carry it out as the executor does: delete, create, patch status, post events."""
@@ -90,7 +111,28 @@ class World:
         self.apply(the_plan)
         return the_plan
 
+    def claim(self, the_plan: Plan) -> bool:
+        """The executor's claims: ``False`` when lost (the plan is then not carried out)."""
+        claim = the_plan.claim
+        if claim is None:
+            return True
+        me = claim.identity
+        owner = self.output_owner
+        if owner is not None and not owner.owner.same_job(me) and not claim.continue_lineage:
+            return False
+        taken = self.output_runs.get(claim.run)
+        if taken is not None and not taken.same_job(me):
+            return False
+        if owner is None or not owner.owner.same_job(me):
+            lineage = (*owner.lineage, owner.owner) if owner is not None else ()
+            self.output_owner = OwnerRecord(owner=me, lineage=lineage)
+        self.output_runs[claim.run] = me
+        return True
+
     def apply(self, the_plan: Plan) -> None:
+        if not self.claim(the_plan):
+            self.last_plan = the_plan
+            return
         for ref in the_plan.delete:
             self.deleted.append(f"{ref.kind}/{ref.name}")
             if ref.kind == "Pod":

@@ -15,6 +15,7 @@ from tests.manifests import BROKEN
 from tuneloop.api import ConditionType, Reason
 from tuneloop.api.status import CheckpointRef
 from tuneloop.contract import Heartbeat
+from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.planner import _LIFECYCLE_ATTRS, LIFECYCLE_FIELDS, PlannerSettings, parse_status, plan
 
@@ -41,7 +42,7 @@ def running_world(manifest: dict[str, Any] | None = None, **kwargs: Any) -> Worl
 
 
 def beat(run: int = 1, phase: str = "training", **fields: Any) -> Heartbeat:
-    values: dict[str, Any] = {"step": 5, "total_steps": 20, "loss": 0.5, "last_updated_time": T0}
+    values: dict[str, Any] = {"step": 5, "total_steps": 20, "loss": 0.5, "last_updated_time": T0, "job_uid": UID}
     values.update(fields)
     return Heartbeat(run=run, phase=phase, **values)
 
@@ -1233,3 +1234,178 @@ def test_conditions_carry_the_observed_generation() -> None:
     w.reconcile()
     assert w.condition(ConditionType.RUNNING).observed_generation == 2
     assert w.status.observed_generation == 2
+
+
+# --- output ownership (issue #9) --------------------------------------------------------------
+
+OTHER_JOB = JobIdentity(namespace="default", name="other", uid="uid-other")
+PREDECESSOR = JobIdentity(namespace="default", name="job", uid="uid-deleted-job")
+
+
+def test_a_new_job_claims_its_output_and_run_1_before_creating_pods() -> None:
+    w = World()
+    p = w.reconcile()
+    assert p.claim is not None and p.claim.run == 1 and p.claim.identity.uid == UID
+    assert w.output_owner is not None and w.output_owner.owner.uid == UID
+    assert w.output_runs == {1: p.claim.identity}
+    assert f"Pod/{POD}" in w.created
+    pod_env = {e["name"]: e.get("value") for e in w.pod(POD)["spec"]["containers"][0]["env"]}
+    assert pod_env["TUNELOOP_JOB_UID"] == UID
+
+
+def test_the_output_is_read_only_when_a_run_would_start() -> None:
+    w = running_world()
+    reads = w.output_reads
+    w.heartbeat = beat()
+    w.reconcile()
+    w.reconcile()
+    assert w.output_reads == reads
+
+
+def test_another_jobs_output_is_refused_with_a_condition_naming_the_owner() -> None:
+    w = World()
+    w.output_owner = OwnerRecord(owner=OTHER_JOB, claimed_at="2026-02-01T00:00:00Z")
+    p = w.reconcile()
+    assert p.create == [] and w.pods == {}
+    failed = w.condition(ConditionType.FAILED)
+    assert failed.status == "True" and failed.reason == Reason.OUTPUT_OWNED
+    assert "FineTuneJob default/other (uid uid-other)" in failed.message
+    assert "choose another spec.output.uri" in failed.message
+    assert w.condition(ConditionType.READY).status == "False"
+    assert w.condition(ConditionType.RUNNING).reason == Reason.OUTPUT_OWNED
+    assert [e.reason for e in p.events] == [Reason.OUTPUT_OWNED]
+    assert p.requeue_after == pytest.approx(300.0)
+    assert w.reconcile().events == []  # said once
+    # The other job is deleted and its owner record removed: the next look starts run 1.
+    w.output_owner = None
+    w.advance(300)
+    p = w.reconcile()
+    assert p.started_run == 1 and w.condition(ConditionType.FAILED).status == "False"
+
+
+def test_a_recreated_job_continues_the_lineage_only_with_continue_lineage() -> None:
+    w = World()
+    w.output_owner = OwnerRecord(owner=PREDECESSOR)
+    w.output_runs = {1: PREDECESSOR, 2: PREDECESSOR, 3: PREDECESSOR}
+    p = w.reconcile()
+    assert p.create == []
+    failed = w.condition(ConditionType.FAILED)
+    assert failed.reason == Reason.OUTPUT_OWNED and "spec.output.continueLineage: true" in failed.message
+
+    w.edit_spec(lambda spec: spec["output"].update(continueLineage=True))
+    p = w.reconcile()
+    assert p.started_run == 4, "numbered after the predecessor's runs, never on top of them"
+    assert "job-r4-a1-n0" in w.pods
+    assert w.output_owner is not None and w.output_owner.owner.uid == UID
+    assert w.output_owner.lineage == (PREDECESSOR,)
+    assert any("continuing the runs of FineTuneJob default/job (uid uid-deleted-job)" in e.message for e in p.events)
+    assert w.condition(ConditionType.FAILED).status == "False"
+
+
+def test_continue_lineage_does_not_change_what_a_run_trains() -> None:
+    w = running_world()
+    w.edit_spec(lambda spec: spec["output"].update(continueLineage=True))
+    p = w.reconcile()
+    assert p.create == [] and not any(e.reason == Reason.SPEC_CHANGED for e in p.events)
+
+
+def test_a_claim_lost_to_a_race_creates_nothing_and_the_next_run_number_is_used() -> None:
+    w = World()
+    the_plan = w.plan()
+    assert the_plan.claim is not None and the_plan.claim.run == 1
+    w.output_owner = OwnerRecord(owner=JobIdentity(namespace="default", name="job", uid=UID))
+    w.output_runs[1] = OTHER_JOB  # someone else's run 1 appeared after the prefix was read
+    w.apply(the_plan)
+    assert w.pods == {} and w.status.current_run is None
+    p = w.reconcile()
+    assert p.started_run == 2 and "job-r2-a1-n0" in w.pods
+
+
+def test_an_unreadable_output_starts_nothing_and_is_retried() -> None:
+    w = World()
+    w.output_error = "access denied to s3://model-bucket/out/owner.json (reading)"
+    p = w.reconcile()
+    assert p.create == [] and p.requeue_after == pytest.approx(30.0)
+    running = w.condition(ConditionType.RUNNING)
+    assert running.reason == Reason.OUTPUT_UNAVAILABLE and "access denied" in running.message
+    assert [e.reason for e in p.events] == [Reason.OUTPUT_UNAVAILABLE]
+    w.output_error = None
+    assert w.reconcile().started_run == 1
+
+
+def test_a_heartbeat_of_another_job_is_never_shown_as_progress() -> None:
+    w = running_world()
+    w.heartbeat = beat(step=20, total_steps=20, loss=0.01, job_uid="uid-of-another-job")
+    w.reconcile()
+    current = w.status.current_run
+    assert current is not None and current.progress is None
+    w.heartbeat = beat(job_uid=None)  # written by a local run (tuneloop run): not this job's either
+    w.reconcile()
+    current = w.status.current_run
+    assert current is not None and current.progress is None
+
+
+def test_a_spec_change_claims_the_next_run_number() -> None:
+    w = running_world()
+    w.succeed(POD, json.dumps(SUCCESS))
+    w.reconcile()
+    w.edit_spec(set_epochs(9))
+    p = w.reconcile()
+    assert p.claim is not None and p.claim.run == 2 and p.started_run == 2
+    assert sorted(w.output_runs) == [1, 2]
+
+
+# --- honest failures (issue #9) -------------------------------------------------------------------
+
+TRACEBACK_TAIL = """    state_dict = self._load(path)
+  File "/usr/lib/python3/site-packages/torch/nn/modules/module.py", line 2581, in load_state_dict
+    raise RuntimeError(
+        "Error(s) in loading state_dict"
+RuntimeError: size mismatch for classifier.weight: copying a param with shape torch.Size([2, 32])"""
+
+
+def test_a_crash_without_a_summary_is_reported_by_its_exception_line() -> None:
+    w = running_world()
+    w.fail(POD, 1, TRACEBACK_TAIL.replace("    state_dict", "Traceback (most recent call last):\n    state_dict"))
+    p = w.reconcile()
+    retry = next(e for e in p.events if e.reason == Reason.RETRYING)
+    assert "exited with code 1: RuntimeError: size mismatch for classifier.weight" in retry.message
+    assert "module.py" not in retry.message and "raise RuntimeError" not in retry.message
+    attempt = w.status.current_run.history[0]  # type: ignore[union-attr]
+    assert attempt.message.endswith(
+        "RuntimeError: size mismatch for classifier.weight: copying a param with shape torch.Size([2, 32])"
+    )
+
+
+def test_a_failure_is_told_once_in_the_failed_condition() -> None:
+    w = running_world()
+    w.fail(POD, 11, json.dumps({"result": "Failed", "reason": "InvalidData", "message": "no rows in data.jsonl"}))
+    w.reconcile()
+    failed = w.condition(ConditionType.FAILED)
+    assert "no rows in data.jsonl" in failed.message
+    others = [w.condition(t).message for t in (ConditionType.RUNNING, ConditionType.COMPLETE, ConditionType.READY)]
+    assert all("no rows in data.jsonl" not in m for m in others), others
+    assert "see the Failed condition" in w.condition(ConditionType.COMPLETE).message
+
+
+def test_a_succeeded_run_has_a_message_and_the_loss_is_rounded() -> None:
+    w = running_world()
+    w.heartbeat = beat(loss=0.6931471805599453, metrics={"accuracy": 0.912345678912})
+    w.reconcile()
+    progress = w.status.current_run.progress  # type: ignore[union-attr]
+    assert progress is not None and progress.loss == 0.6931 and progress.metrics["accuracy"] == 0.912346
+    w.succeed(POD, json.dumps(SUCCESS))
+    w.reconcile()
+    record = w.status.runs[-1]
+    assert record.message == "succeeded (accuracy=0.91)"
+    assert w.condition(ConditionType.COMPLETE).message.startswith("run 1 succeeded (accuracy=0.91)")
+
+
+def test_a_trainer_refused_by_the_output_claims_fails_the_run_as_output_owned() -> None:
+    w = running_world()
+    said = "runs/1 under s3://b/out/ was claimed by FineTuneJob default/job (uid other), not by this job"
+    w.fail(POD, 10, json.dumps({"result": "Failed", "reason": "OutputOwned", "message": said}))
+    w.reconcile()
+    failed = w.condition(ConditionType.FAILED)
+    assert failed.reason == Reason.OUTPUT_OWNED and said in failed.message
+    assert w.status.current_run is not None and w.status.current_run.failures == 0  # not retried
