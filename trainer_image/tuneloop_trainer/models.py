@@ -4,18 +4,24 @@ The model class follows the task: an encoder (BERT, MiniLM, DeBERTa) gets a clas
 head, a decoder (GPT-2, Llama, Qwen) is trained as a causal language model, an
 encoder-decoder (T5, BART) as a sequence-to-sequence model. A mismatch is refused before
 any GPU time is spent, with a message that says which model families fit the task.
+
+A model that cannot be used as it is (a classification head for another number of labels,
+a truncated weights file, a config that does not parse) is a permanent
+:class:`UnsupportedModelError` naming the file and what to do: retrying cannot help.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -35,6 +41,8 @@ from transformers.models.auto.modeling_auto import (
 
 from tuneloop.api.spec import FineTuneJobSpec, LoraConfig, Method, ModelSource
 from tuneloop_trainer.errors import InvalidConfigError, UnsupportedModelError
+
+CONFIG_FILE = "config.json"
 
 log = logging.getLogger(__name__)
 
@@ -114,37 +122,77 @@ def resolve_model(source: ModelSource, download: Callable[[str, Path], Path], ca
     scheme, rest = uri.split("://", 1)
     if scheme == "file":
         path = Path(rest)
+        if path.is_file():
+            hint = f"use file://{path.parent}" if path.name == CONFIG_FILE else "save the model with save_pretrained"
+            raise UnsupportedModelError(
+                f"{uri} is a file: spec.model.uri must name the directory that holds {CONFIG_FILE}, not the file; "
+                f"{hint}"
+            )
         if not path.is_dir():
             raise UnsupportedModelError(f"model directory {path} does not exist (spec.model.uri {uri})")
+        if not (path / CONFIG_FILE).is_file():
+            raise UnsupportedModelError(
+                f"model directory {path} holds no {CONFIG_FILE} (spec.model.uri {uri}); point spec.model.uri at a "
+                "directory written by save_pretrained"
+            )
         return ResolvedModel(str(path), None, uri)
     if scheme == "s3":
         import hashlib  # noqa: PLC0415
 
         dest = cache_dir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:24]
-        if not (dest / "config.json").exists():
-            download(uri, dest)
-        if not (dest / "config.json").exists():
-            raise UnsupportedModelError(f"{uri} holds no config.json; save the model there with save_pretrained")
+        download(uri, dest)  # a no-op when an earlier run downloaded it completely
+        if not (dest / CONFIG_FILE).exists():
+            raise UnsupportedModelError(
+                f"{uri} holds no {CONFIG_FILE}; save the model there with save_pretrained (spec.model.uri names the "
+                "prefix that holds config.json)"
+            )
         return ResolvedModel(str(dest), None, uri)
     repo, _, at_revision = rest.partition("@")
     return ResolvedModel(repo, source.revision or at_revision or None, uri)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """A library's error message for ours: its first line, cut short."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _is_hub(resolved: ResolvedModel) -> bool:
+    return resolved.uri.startswith("hf://")
 
 
 def load_config(resolved: ResolvedModel) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(resolved.location, revision=resolved.revision)
     except (OSError, ValueError) as exc:
+        if not _is_hub(resolved):
+            where = (
+                "downloaded from it" if resolved.uri.startswith("s3://") else f"at {resolved.location}/{CONFIG_FILE}"
+            )
+            raise UnsupportedModelError(
+                f"cannot read the model config of {resolved.uri} ({CONFIG_FILE} {where}): {_first_line(exc)}; "
+                "save the model again with save_pretrained"
+            ) from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub or its cache"
         raise UnsupportedModelError(
-            f"cannot load model {resolved.uri} from {where}: {str(exc).splitlines()[0]}. Check the name and "
+            f"cannot load model {resolved.uri} from {where}: {_first_line(exc)}. Check the name and "
             "revision, pre-populate the cache (HF_HOME), or point spec.model.uri at an s3:// or file:// copy"
         ) from None
 
 
 def load_tokenizer(resolved: ResolvedModel, family: Family) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token and right padding for training."""
-    tokenizer = AutoTokenizer.from_pretrained(resolved.location, revision=resolved.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, revision=resolved.revision)
+    except Exception as exc:  # tokenizers raises plain Exceptions for a broken tokenizer.json
+        if _is_hub(resolved) and isinstance(exc, OSError):
+            raise  # the Hub or the network: let the run be retried
+        raise UnsupportedModelError(
+            f"cannot load the tokenizer of {resolved.uri}: {_first_line(exc)}; save the tokenizer next to the model "
+            "(tokenizer.save_pretrained into the same directory) and upload it again"
+        ) from None
     if tokenizer.pad_token is None:
         # Decoders often ship without one; the EOS token is a safe stand-in because padded
         # positions are excluded from attention and loss anyway.
@@ -183,6 +231,104 @@ def mixed_precision(precision: str) -> Literal["no", "bf16", "fp16"]:
     return "bf16" if precision == "bf16" else "fp16"
 
 
+#: Model types whose learned positions start after the padding index (RoBERTa's scheme), so
+#: ``pad_token_id + 1`` of their ``max_position_embeddings`` never hold a token.
+_PADDING_OFFSET_POSITIONS = frozenset(
+    {
+        "camembert",
+        "data2vec-text",
+        "ibert",
+        "layoutlmv3",
+        "lilt",
+        "longformer",
+        "luke",
+        "markuplm",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "xmod",
+    }
+)
+#: Model types with relative position information only: positions set no length limit
+#: (old T5 configs carry an ``n_positions`` that the model never uses).
+_RELATIVE_POSITIONS = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
+#: Virtual tokens of prefix- and prompt-tuning when the method's settings leave them out.
+DEFAULT_VIRTUAL_TOKENS = 20
+
+
+def virtual_tokens(method: Method) -> int:
+    """Tokens that prefix- or prompt-tuning put before every input (0 for other methods)."""
+    if method.type == "prefix-tuning":
+        return method.prefix_tuning.num_virtual_tokens if method.prefix_tuning else DEFAULT_VIRTUAL_TOKENS
+    if method.type == "prompt-tuning":
+        return method.prompt_tuning.num_virtual_tokens if method.prompt_tuning else DEFAULT_VIRTUAL_TOKENS
+    return 0
+
+
+@dataclass(frozen=True)
+class InputLimit:
+    """The longest input a model takes, from its position embeddings."""
+
+    tokens: int
+    """Tokens of input that fit (may be 0 or less when virtual tokens take every position)."""
+    positions: int
+    """The model's position embeddings."""
+    reason: str
+    """How ``tokens`` follows from the config, for messages."""
+
+
+def max_input_tokens(config: PretrainedConfig, method: Method) -> InputLimit | None:
+    """What ``hyperparameters.maxSeqLength`` may be for this model and method; None when the
+    model has no absolute positions (T5, DeBERTa-v3) or does not say.
+
+    Virtual tokens count against the limit: prompt tuning prepends them to the input
+    embeddings, and prefix tuning's key/value prefix shifts a decoder's positions.
+    """
+    model_type = getattr(config, "model_type", "")
+    if model_type in _RELATIVE_POSITIONS:
+        return None
+    if model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None
+    positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions maps here
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        return None
+    tokens, reason = positions, f"{positions} position embeddings"
+    if model_type in _PADDING_OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        offset = (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
+        tokens -= offset
+        reason += f", of which the first {offset} are reserved ({model_type} positions start after the padding index)"
+    virtual = virtual_tokens(method)
+    if virtual:
+        tokens -= virtual
+        reason += f", less {virtual} virtual tokens of {method.type}"
+    return InputLimit(tokens, positions, reason)
+
+
+def fit_max_seq_length(requested: int, config: PretrainedConfig, method: Method, uri: str) -> tuple[int, str | None]:
+    """``maxSeqLength`` capped at what the model takes, and the warning to show when it was lowered.
+
+    A longer sequence would crash mid-training (an index past the position embeddings),
+    possibly hours in, on the first long batch; lowering it at setup is what the user meant.
+    """
+    limit = max_input_tokens(config, method)
+    if limit is None or requested <= limit.tokens:
+        return requested, None
+    if limit.tokens < 1:
+        field = "prefixTuning" if method.type == "prefix-tuning" else "promptTuning"
+        raise InvalidConfigError(
+            f"method.{field}.numVirtualTokens {virtual_tokens(method)} leaves no room for input: {uri} has "
+            f"{limit.positions} positions; use fewer virtual tokens"
+        )
+    warning = (
+        f"hyperparameters.maxSeqLength {requested} is more than {uri} takes ({limit.tokens} tokens: "
+        f"{limit.reason}); using {limit.tokens}. Set maxSeqLength to {limit.tokens} or less to silence this warning"
+    )
+    return limit.tokens, warning
+
+
 @dataclass
 class LoadedModel:
     """A model ready to train."""
@@ -214,29 +360,99 @@ def load_model(
     if spec.hyperparameters.dropout is not None:
         changed = _override_dropout(config, spec.hyperparameters.dropout)
         log.info("dropout set to %s on %s", spec.hyperparameters.dropout, ", ".join(changed) or "nothing")
-    kwargs: dict[str, Any] = {"config": config, "revision": resolved.revision}
+    # Mismatched shapes are loaded (not raised as a bare RuntimeError) and then refused with a
+    # message: the loading info names them.
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "revision": resolved.revision,
+        "ignore_mismatched_sizes": True,
+        "output_loading_info": True,
+    }
     if spec.method.type == "qlora":
         kwargs["quantization_config"] = _four_bit_config()
     tokenizer = load_tokenizer(resolved, family)
+    check_weight_files(resolved)
+    auto: Any
     if spec.task == "sequence-classification":
         if not label_names:
             raise InvalidConfigError("sequence-classification needs at least one label")
+        check_classification_head(config, len(label_names), resolved.uri)
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
         if config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id  # decoders classify from the last non-pad token
-        model = AutoModelForSequenceClassification.from_pretrained(resolved.location, **kwargs)
+        auto = AutoModelForSequenceClassification
     elif spec.task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+        auto = AutoModelForCausalLM
     else:
-        model = AutoModelForSeq2SeqLM.from_pretrained(resolved.location, **kwargs)
+        auto = AutoModelForSeq2SeqLM
+    try:
+        model, info = auto.from_pretrained(resolved.location, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as exc:
+        raise _corrupt_weights("a weights file", resolved, exc) from None
+    except RuntimeError as exc:
+        if "PytorchStreamReader" not in str(exc):  # anything else (out of memory...) stays retryable
+            raise
+        raise _corrupt_weights("a weights file (pytorch_model.bin)", resolved, exc) from None
+    _refuse_mismatched(info.get("mismatched_keys") or (), resolved.uri, spec.task)
     if spec.hyperparameters.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     model = apply_method(model, spec.method, spec.task, family, resolved.location)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, resolved=resolved, config=config)
+
+
+def check_classification_head(config: PretrainedConfig, num_labels: int, uri: str) -> None:
+    """Refuse a checkpoint whose sequence-classification head has another number of labels.
+
+    Re-initialising the head (``ignore_mismatched_sizes``) would silently throw away the
+    trained head and keep a mapping of ids to names that no longer holds; a user who wants
+    that should start from the model without its head, and say so.
+    """
+    heads = [a for a in getattr(config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+    if heads and config.num_labels != num_labels:
+        raise UnsupportedModelError(
+            f"{uri} has a sequence-classification head ({heads[0]}) with {config.num_labels} labels, but the data "
+            f"has {num_labels} labels; use a base model without a task head (the encoder saved with "
+            f"AutoModel.save_pretrained), a checkpoint whose head has {num_labels} labels, or data with the same "
+            f"{config.num_labels} labels"
+        )
+
+
+def _refuse_mismatched(mismatched: Any, uri: str, task: str) -> None:
+    """Weights whose shape differs from the model built for the task (another head, vocabulary...)."""
+    found = sorted(mismatched, key=lambda m: (not str(m[0]).endswith(".weight"), str(m[0])))  # weights say more
+    if not found:
+        return
+    key, ckpt, model = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise UnsupportedModelError(
+        f"the weights of {uri} do not fit a {task} model: {key} is {tuple(ckpt)} in the checkpoint but "
+        f"{tuple(model)} in the model{more}; use a base model without a task head, or one saved for this task"
+    )
+
+
+def check_weight_files(resolved: ResolvedModel) -> None:
+    """Open the header of each ``*.safetensors`` file of a local model: a truncated or corrupt
+    file (an upload cut short) fails here, named, instead of inside ``from_pretrained``."""
+    directory = Path(resolved.location)
+    if _is_hub(resolved) or not directory.is_dir():
+        return
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise _corrupt_weights(f"weights file {path.name}", resolved, exc) from None
+
+
+def _corrupt_weights(what: str, resolved: ResolvedModel, exc: BaseException) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{what} of {resolved.uri} is truncated or corrupt ({_first_line(exc)}); save the model again with "
+        "save_pretrained and upload it again (spec.model.uri)"
+    )
 
 
 def _four_bit_config() -> Any:
@@ -314,12 +530,10 @@ def apply_method(model: nn.Module, method: Method, task: str, family: Family, to
             task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None
         )
     elif method.type == "prefix-tuning":
-        tokens = method.prefix_tuning.num_virtual_tokens if method.prefix_tuning else 20
-        config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=tokens)
+        config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens(method))
     else:
         settings = method.prompt_tuning
-        tokens = settings.num_virtual_tokens if settings else 20
-        config = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=tokens)
+        config = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens(method))
         if settings is not None and settings.init_text:
             config.prompt_tuning_init = peft.PromptTuningInit.TEXT
             config.prompt_tuning_init_text = settings.init_text

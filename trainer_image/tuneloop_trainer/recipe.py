@@ -56,9 +56,11 @@ from tuneloop_trainer.features import IGNORE_INDEX, Feature, build_features
 from tuneloop_trainer.models import (
     LoadedModel,
     check_fits_task,
+    fit_max_seq_length,
     load_config,
     load_model,
     load_tokenizer,
+    max_input_tokens,
     mixed_precision,
     resolve_model,
 )
@@ -87,6 +89,22 @@ class RunContext:
     """Local scratch space (checkpoints staged here, model written here before upload)."""
     sinks: Sinks = field(default_factory=Sinks)
     cache_dir: Path | None = None
+    job_uid: str | None = None
+    """The FineTuneJob's uid in a cluster (``None`` for ``tuneloop run``): part of the identity
+    recorded in checkpoints, so that only the same job, run and spec resume them."""
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """Who writes this run's checkpoints: job namespace, name and uid, run, spec hash."""
+        from tuneloop.contract import spec_hash  # noqa: PLC0415
+
+        meta = self.job.metadata
+        return {
+            "namespace": meta.namespace,
+            "name": meta.name,
+            "uid": self.job_uid,
+            "run": self.run,
+            "specHash": spec_hash(self.job.spec),
+        }
 
     @property
     def spec(self) -> Any:
@@ -185,6 +203,15 @@ class FineTuneRecipe:
         # model is a permanent UnsupportedModel failure, not a crash); load_model reuses it.
         self.model_config = load_config(self.resolved)
         family = check_fits_task(self.model_config, self.spec.task, self.resolved.uri)
+        # A maxSeqLength past the model's positions would crash on the first long batch, maybe
+        # hours in: lower it now, visibly. self.hp is the effective settings from here on
+        # (features, packing, the model card); the spec keeps what the user wrote.
+        max_len, length_warning = fit_max_seq_length(
+            self.hp.max_seq_length, self.model_config, self.spec.method, self.resolved.uri
+        )
+        if length_warning is not None:
+            self.hp = self.hp.model_copy(update={"max_seq_length": max_len})
+            self.notes.append(length_warning)
         self.tokenizer = load_tokenizer(self.resolved, family)
         columns = self.spec.columns()
         tokenizer = self.tokenizer
@@ -201,6 +228,8 @@ class FineTuneRecipe:
         self.data: PreparedData = prepare_data(
             self.spec, self.sources.fetch_data, count_tokens=count_tokens if check_length else None
         )
+        if length_warning is not None:  # printed with the report's lines below, and kept in it
+            self.data.report.warnings.append(length_warning)
         self.sinks.data_report(self.data.report.to_dict())
         for line in self.data.report.summary_lines():
             self.sinks.message(f"   {line}")
@@ -297,6 +326,7 @@ class FineTuneRecipe:
             self.ctx.work_dir / "checkpoints",
             keep=self.spec.output.checkpoint.keep,
             best_metric_mode=mode,
+            identity=self.ctx.checkpoint_identity(),
         )
         self.resume_epoch, self.resume_offset = 0, 0
         self.last_checkpoint_time = time.monotonic()
@@ -364,6 +394,7 @@ class FineTuneRecipe:
         """Continue from the newest complete checkpoint of this run, if there is one."""
         loaded = self.checkpoints.load()
         if loaded is None:
+            self._explain_foreign_checkpoints()
             return
         info, state = loaded
         model = self.accelerator.unwrap_model(self.model)
@@ -392,6 +423,28 @@ class FineTuneRecipe:
         if meta.get("bestValidation"):
             self.best_validation = dict(meta["bestValidation"])
         self.sinks.message(f"   resumed from the checkpoint at step {info.step} ({info.uri})")
+
+    def _explain_foreign_checkpoints(self) -> None:
+        """Say why checkpoints found under this run's prefix are not resumed."""
+        foreign = self.checkpoints.foreign()
+        if not foreign:
+            return
+        mine = self.ctx.checkpoint_identity()
+        theirs = foreign[-1].manifest.get("identity")
+        if not isinstance(theirs, dict):
+            why = "they do not record which job and spec wrote them (an older trainer)"
+        else:
+            differ = [k for k in ("namespace", "name", "uid", "run", "specHash") if theirs.get(k) != mine.get(k)]
+            names = {
+                "specHash": "the spec (hyperparameters, data, model...)",
+                "uid": "the job's uid (a re-created job)",
+            }
+            why = "they were written with another " + ", ".join(names.get(k, k) for k in differ)
+        steps = ", ".join(str(info.step) for info in foreign[-5:])
+        self.sinks.message(
+            f"   not resuming the checkpoint(s) at step {steps} under {self.checkpoints.checkpoints_uri}: {why}; "
+            "training starts fresh (they are deleted after this run's first checkpoint)"
+        )
 
     # --- batching -------------------------------------------------------------------
 
@@ -662,6 +715,13 @@ class FineTuneRecipe:
         pad = int(tok.pad_token_id)
         chosen = list(features)[:limit] if limit else list(features)
         pairs = [self._prompt_and_reference(f) for f in chosen]
+        # A decoder's prompt and what it generates share its positions: keep the end of long
+        # prompts so that at least some new tokens fit (an index past the position embeddings
+        # would crash the evaluation after all the training).
+        room = self._decoder_positions()
+        if room is not None:
+            keep = max(1, room - min(MAX_NEW_TOKENS, max(1, room // 4)))
+            pairs = [(p[-keep:], r) for p, r in pairs]
         preds: list[str] = []
         # Virtual-token methods break position ids under left padding (peft 0.21 with
         # transformers 5): generate one example at a time, unpadded, for them.
@@ -671,6 +731,8 @@ class FineTuneRecipe:
             part = pairs[start : start + batch_size]
             width = max(len(p) for p, _ in part)
             max_new = min(MAX_NEW_TOKENS, max(len(r) for _, r in part) + 8)
+            if room is not None:
+                max_new = max(1, min(max_new, room - width))
             if self.spec.task == "seq2seq":  # encoders take right padding
                 ids = torch.full((len(part), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(ids)
@@ -700,6 +762,14 @@ class FineTuneRecipe:
             preds.extend(tok.batch_decode(out, skip_special_tokens=True))
         refs = tok.batch_decode([r for _, r in pairs], skip_special_tokens=True)
         return [p.strip() for p in preds], [r.strip() for r in refs]
+
+    def _decoder_positions(self) -> int | None:
+        """How many tokens (prompt and generated) a decoder takes; ``None`` for encoder-decoders
+        (the generated text has positions of its own) and models without absolute positions."""
+        if self.spec.task != "causal-lm":
+            return None
+        limit = max_input_tokens(self.model_config, self.spec.method)
+        return limit.tokens if limit is not None and limit.tokens > 1 else None
 
     def _greedy_without_cache(self, model: Any, ids: torch.Tensor, max_new: int) -> torch.Tensor:
         """Greedy decoding by full forward passes. For prompt tuning on decoders, where

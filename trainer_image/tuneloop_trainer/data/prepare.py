@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from tuneloop.api.spec import FineTuneJobSpec
-from tuneloop_trainer.data.loading import Column, display_names, has_bad_text, load_file
+from tuneloop_trainer.data.loading import Column, display_names, has_bad_text, load_file, show_name
 from tuneloop_trainer.data.pii import PLACEHOLDERS, mask_pii
 from tuneloop_trainer.data.report import (
     FileStats,
@@ -52,6 +52,15 @@ SMALL_SPLIT: Final = 20
 SUSPICIOUS_DROP_SHARE: Final = 0.1
 #: How many row references an error message lists.
 MAX_REFS_IN_ERROR: Final = 10
+#: The spec field each data source comes from, for messages.
+SOURCE_SETTINGS: Final = {
+    "dataset": "spec.dataset.uri",
+    "validation": "spec.dataset.split.validationUri",
+    "test": "spec.dataset.split.testUri",
+    "replay": "spec.dataset.replay.uri",
+    "out_of_domain": "spec.evaluation.outOfDomain.uri",
+    "forgetting": "spec.evaluation.forgetting.uri",
+}
 
 _INT_LABEL = re.compile(r"[+-]?[0-9]+")
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
@@ -293,9 +302,13 @@ class _Pipeline:
     def _read(self, name: str, uri: str | None, group: GroupMode) -> list[_Row]:
         assert uri is not None
         src = self.report.source(name, uri)
-        paths = sorted(self.fetch(uri))
+        setting = SOURCE_SETTINGS.get(name, name)
+        try:
+            paths = sorted(self.fetch(uri))
+        except InvalidDataError as exc:  # name the field to change; fetch only knows the URI
+            raise InvalidDataError(f"{setting}: {exc.message}") from None
         if not paths:
-            raise InvalidDataError(f"no data files at {uri}")
+            raise InvalidDataError(f"{setting}: no data files at {uri}")
         columns = [Column(role, col, f"dataset.columns.{role}") for role, col in self.roles.items()]
         if self.group_column is not None and group != "none":
             columns.append(
@@ -304,11 +317,18 @@ class _Pipeline:
         headerless_ok = self._classify and len(columns) == len(self.roles)
         rows: list[_Row] = []
         for path, shown in zip(paths, display_names(paths), strict=True):
-            loaded = load_file(path, shown, self.spec.dataset.format, columns, allow_headerless=headerless_ok)
+            loaded = load_file(
+                path,
+                shown,
+                self.spec.dataset.format,
+                columns,
+                allow_headerless=headerless_ok,
+                max_row_bytes=self.cleaning.max_row_bytes,
+            )
             src.files.append(FileStats(shown, loaded.format, len(loaded.rows), loaded.header))
             for raw in loaded.rows:
                 if raw.problem is not None:
-                    src.drop("undecodable", raw.ref, raw.problem)
+                    src.drop(raw.reason, raw.ref, raw.problem)
                     continue
                 row = self._decode(raw.ref, raw.values, src)
                 if row is not None:
@@ -372,10 +392,10 @@ class _Pipeline:
             if labels is not None and row.label is not None:
                 label_name = labels.canonical(row.label)
                 if label_name is None:
-                    src.drop("unknown_label", row.ref, f"label {_short(row.label)} is not a class id (ids start at 0)")
+                    src.drop("unknown_label", row.ref, _label_problem(row.label, "is not a class id (ids start at 0)"))
                     continue
                 if label_name not in labels.seen:
-                    src.drop("unknown_label", row.ref, f"label {_short(label_name)} is not among the training labels")
+                    src.drop("unknown_label", row.ref, _label_problem(label_name, "is not among the training labels"))
                     continue
             if min_chars is not None:
                 length = len(_input_text(fields).strip())
@@ -700,12 +720,15 @@ class _Pipeline:
         read = src.rows_read
         if not read:
             return
-        for reason in ("undecodable", "empty", "unknown_label"):
+        for reason in ("too_large", "undecodable", "empty", "unknown_label"):
             drops = src.dropped.get(reason)
             if drops is not None and drops.count / read > SUSPICIOUS_DROP_SHARE and drops.count < read:
+                advice = "check dataset.format and dataset.columns"
+                if reason == "too_large":
+                    advice += ", or raise dataset.cleaning.maxRowBytes if rows are this big on purpose"
                 self.report.warnings.append(
                     f"{100 * drops.count / read:.0f} % of the rows of {src.uri} were dropped as {reason} "
-                    f"(e.g. {', '.join(drops.examples[:3])}); check dataset.format and dataset.columns"
+                    f"(e.g. {', '.join(drops.examples[:3])}); {advice}"
                 )
 
 
@@ -793,7 +816,12 @@ def _parse_messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None
         if has_bad_text(content):
             return None, "invalid UTF-8"
         if not isinstance(role, str) or role not in CHAT_ROLES:
-            problem = problem or f"message {i} has role {_short(str(role))}; use system, user or assistant"
+            quoted = _quoted(str(role))
+            problem = problem or (
+                f"message {i} has role {quoted}; use system, user or assistant"
+                if quoted
+                else f"message {i} has a role other than system, user or assistant (not shown: not a plain name)"
+            )
         messages.append({"role": str(role), "content": content})
     if problem is None and not any(m["role"] == "assistant" for m in messages):
         problem = "no assistant turn to learn from"
@@ -867,8 +895,15 @@ def _qualified(source: str, ref: str) -> str:
     return ref if source == "dataset" else f"{source} {ref}"
 
 
-def _short(value: str, limit: int = 30) -> str:
-    return repr(value if len(value) <= limit else value[: limit - 1] + "…")
+def _label_problem(label: str, what: str) -> str:
+    quoted = _quoted(label)
+    return f"label {quoted} {what}" if quoted else f"a label {what} (not shown: it is not a plain name)"
+
+
+def _quoted(value: str, limit: int = 30) -> str | None:
+    """A cell value quoted for a drop detail when it reads as a name (a label, a role), else
+    None: details reach error messages, and a cell may hold any file's content."""
+    return repr(value) if value and show_name(value, max_chars=limit) == value else None
 
 
 def _names(names: Sequence[str], limit: int = 10) -> str:

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-#: Why a row is dropped, in the order the cleaning steps run.
+#: Why a row is dropped, in the order the cleaning steps run (``too_large``: over
+#: ``dataset.cleaning.maxRowBytes``, found while reading).
 DROP_REASONS: Final = (
+    "too_large",
     "undecodable",
     "empty",
     "unknown_label",
