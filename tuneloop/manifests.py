@@ -5,10 +5,21 @@ A manifest is untrusted input (a pull request, a file from a colleague). PyYAML'
 whose aliases expand to billions of nodes when anything walks it, and it recurses once
 per nesting level. So we compose the node graph first, measure its expanded size and
 depth with memoisation, and only then construct Python objects.
+
+Two more differences from a plain ``safe_load``, so that a file means here what it means to
+``kubectl``:
+
+* a key written twice in one mapping is an error (PyYAML keeps the last value silently; the
+  YAML spec forbids duplicate keys);
+* plain scalars are read the way Kubernetes' YAML parser reads them: ``5e-3`` and ``1e3`` are
+  numbers (PyYAML's YAML 1.1 rules make them strings, which strict validation then refuses),
+  ``1:30`` is a string (not the sexagesimal integer 90), and so is an unquoted date or time
+  (``2024-01-31``, not a date object).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +36,31 @@ MAX_FILE_BYTES: Final = 4 * 1024 * 1024
 MAX_EXPANDED_NODES: Final = 200_000
 #: Deepest nesting accepted (a FineTuneJob is about 8 levels deep).
 MAX_DEPTH: Final = 64
+
+_INT_TAG: Final = "tag:yaml.org,2002:int"
+_FLOAT_TAG: Final = "tag:yaml.org,2002:float"
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_TIMESTAMP_TAG: Final = "tag:yaml.org,2002:timestamp"
+#: Integers as Kubernetes' YAML parser (go-yaml) reads them: decimal, 0x, 0o, 0b, leading-0 octal,
+#: '_' separators. No sexagesimal (1:30).
+_INT: Final = re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""")
+#: Floats as go-yaml reads them: the fraction and the exponent's sign are optional (5e-3, 1e3, 2.).
+_FLOAT: Final = re.compile(
+    r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with plain scalars resolved as kubectl resolves them (see the module doc)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "-+0123456789.":
+    # Integers first: "10" matches both patterns.
+    _Loader.yaml_implicit_resolvers.setdefault(_first, [])[:0] = [(_INT_TAG, _INT), (_FLOAT_TAG, _FLOAT)]
 
 
 class ManifestError(Exception):
@@ -65,8 +101,40 @@ class Document:
         return f"{self.source}: document {self.index} ({detail})"
 
 
-def _measure(node: Node, memo: dict[int, int], depth: int) -> int:
-    """Expanded node count below ``node``; raises when too deep or too large."""
+def _where(path: tuple[str | int, ...]) -> str:
+    if not path:
+        return "at the top level"
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return f"in {out}"
+
+
+def _key_name(key: Node) -> str | None:
+    return key.value if isinstance(key, ScalarNode) and isinstance(key.value, str) else None
+
+
+def _check_keys(node: MappingNode, path: tuple[str | int, ...]) -> None:
+    """Refuse a key written twice in one mapping (YAML would keep the last value silently)."""
+    seen: dict[tuple[str, str], int] = {}
+    for key, _value in node.value:
+        name = _key_name(key)
+        if name is None or key.tag == _MERGE_TAG:
+            continue
+        line = key.start_mark.line + 1
+        first = seen.get((key.tag, name))
+        if first is None:
+            seen[(key.tag, name)] = line
+        else:
+            shown = name if len(name) <= 60 else name[:57] + "..."
+            raise ManifestError(
+                f"duplicate key {shown!r} {_where(path)} (lines {first} and {line}); only one of the two "
+                "values would be used: remove or rename one of them"
+            )
+
+
+def _measure(node: Node, memo: dict[int, int], depth: int, path: tuple[str | int, ...] = ()) -> int:
+    """Expanded node count below ``node``; raises when too deep, too large, or a key is repeated."""
     if depth > MAX_DEPTH:
         raise ManifestError(f"nesting deeper than {MAX_DEPTH} levels (line {node.start_mark.line + 1})")
     key = id(node)
@@ -74,9 +142,13 @@ def _measure(node: Node, memo: dict[int, int], depth: int) -> int:
         return memo[key]
     total = 1
     if isinstance(node, SequenceNode):
-        total += sum(_measure(child, memo, depth + 1) for child in node.value)
+        total += sum(_measure(child, memo, depth + 1, (*path, i)) for i, child in enumerate(node.value))
     elif isinstance(node, MappingNode):
-        total += sum(_measure(k, memo, depth + 1) + _measure(v, memo, depth + 1) for k, v in node.value)
+        _check_keys(node, path)
+        total += sum(
+            _measure(k, memo, depth + 1, path) + _measure(v, memo, depth + 1, (*path, _key_name(k) or "?"))
+            for k, v in node.value
+        )
     elif not isinstance(node, ScalarNode):  # pragma: no cover - PyYAML has no other node kinds
         raise ManifestError(f"unexpected YAML node {type(node).__name__}")
     if total > MAX_EXPANDED_NODES:
@@ -89,7 +161,7 @@ def _measure(node: Node, memo: dict[int, int], depth: int) -> int:
 
 
 def _documents(text: str, source: str) -> Iterator[Document]:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         index = 0
         while loader.check_node():
@@ -152,6 +224,8 @@ def read_manifests(path: str) -> list[Document]:
 def single_fine_tune_job(documents: list[Document], source: str) -> Document:
     """The one FineTuneJob of a file that ``tuneloop run`` runs; ManifestError otherwise."""
     jobs = [d for d in documents if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
+    if not jobs and len(documents) == 1:
+        return documents[0]  # validating it says what is wrong (kind missing, another kind...)
     if len(jobs) != 1:
         raise ManifestError(f"{source} must hold exactly one FineTuneJob (found {len(jobs)})")
     return jobs[0]

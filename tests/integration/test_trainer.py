@@ -293,7 +293,7 @@ def test_invalid_manifest_is_refused_before_training(tmp_path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("apiVersion: tuneloop.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {name: x}\nspec: {task: nope}\n")
     result = run_cli(["run", str(job)])
-    assert result.returncode == 1
+    assert result.returncode == ExitCode.INVALID_CONFIG
     assert "spec.task" in result.stderr
 
 

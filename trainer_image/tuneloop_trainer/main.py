@@ -9,8 +9,11 @@ On a laptop (what ``tuneloop run`` calls)::
     python -m tuneloop_trainer run job.yaml --output ./out
 
 Exit codes follow :class:`tuneloop.contract.ExitCode`: 0 success, 10-13 permanent
-failures (invalid config, invalid data, unsupported model, gate failed), anything else
-is a crash and retryable.
+failures (invalid config, invalid data, unsupported model, gate failed), 143 after SIGTERM
+and 130 after SIGINT (step finished, checkpoint saved), 1 for a crash or a transient storage
+error; everything but 10-13 is retryable. A failure ends stderr with one line that starts
+with ``error (<reason>, exit <code>, ...)`` and the cause, and writes the same cause first
+into the termination message and the status file (``runs/<n>/status.json``).
 """
 
 from __future__ import annotations
@@ -19,22 +22,28 @@ import argparse
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.api import FineTuneJob
 from tuneloop.contract import TERMINATION_MESSAGE_MAX_BYTES, TERMINATION_MESSAGE_PATH, ExitCode
 from tuneloop.manifests import ManifestError, read_manifests, single_fine_tune_job
 from tuneloop.validate import validate_manifest
 
+if TYPE_CHECKING:
+    from tuneloop_trainer.errors import Failure
+
 log = logging.getLogger("tuneloop_trainer")
 
-#: Exit code after SIGTERM with a checkpoint written (128 + 15, as a shell reports it): retryable.
-EXIT_INTERRUPTED = 143
+#: Exit code after SIGINT (Ctrl-C) as a shell reports it (128 + 2): retryable. SIGTERM: 143.
+EXIT_CTRL_C = 128 + signal.SIGINT
 
 
 def _quiet_libraries() -> None:
@@ -67,14 +76,12 @@ def load_job(body: Any, source: str) -> FineTuneJob:
 
 
 def write_termination_message(summary: dict[str, Any]) -> None:
-    """The final summary, where Kubernetes copies it into the pod status (<= 4 KiB)."""
+    """The final summary, where Kubernetes copies it into the pod status (<= 4 KiB).
+
+    Too long, it keeps ``result``, ``reason``, ``modelUri`` and the start of ``message`` (which
+    starts with the cause), marked ``"truncated": true``; it is always valid JSON."""
     path = Path(os.environ.get("TUNELOOP_TERMINATION_LOG", TERMINATION_MESSAGE_PATH))
-    text = json.dumps(summary, separators=(",", ":"), sort_keys=True)
-    if len(text.encode()) > TERMINATION_MESSAGE_MAX_BYTES:
-        summary = {k: v for k, v in summary.items() if k in ("result", "reason", "message", "modelUri")}
-        summary["message"] = str(summary.get("message", ""))[:1024]
-        summary["truncated"] = True
-        text = json.dumps(summary, separators=(",", ":"), sort_keys=True)[:TERMINATION_MESSAGE_MAX_BYTES]
+    text = termination_message(summary)
     try:
         if path.parent.is_dir():
             path.write_text(text)
@@ -82,16 +89,167 @@ def write_termination_message(summary: dict[str, Any]) -> None:
         log.debug("no termination message written to %s: %s", path, exc)
 
 
-def next_run_number(output_uri: str) -> int:
-    """1 + the highest ``runs/<n>`` under a local output, for ``tuneloop run``."""
-    if not output_uri.startswith("file://"):
-        return 1
-    runs = Path(output_uri.removeprefix("file://")) / "runs"
-    numbers = [int(p.name) for p in runs.glob("*") if p.name.isdigit()] if runs.is_dir() else []
-    return max(numbers, default=0) + 1
+def termination_message(summary: dict[str, Any]) -> str:
+    """``summary`` as compact JSON of at most :data:`TERMINATION_MESSAGE_MAX_BYTES` bytes."""
+
+    def dump(value: dict[str, Any]) -> str:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+    text = dump(summary)
+    if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES:
+        return text
+    short: dict[str, Any] = {k: str(v)[:512] for k, v in summary.items() if k in ("result", "reason", "modelUri")}
+    short["truncated"] = True
+    message = str(summary.get("message", ""))
+    room = TERMINATION_MESSAGE_MAX_BYTES - len(dump({**short, "message": ""}).encode())
+    # Escapes (\n, \u00e9) make the JSON longer than the text: cut, measure, cut more.
+    cut = min(len(message), max(0, room))
+    while cut > 0 and len(dump({**short, "message": message[:cut]}).encode()) > TERMINATION_MESSAGE_MAX_BYTES:
+        cut = cut * 9 // 10
+    return dump({**short, "message": message[:cut]})
 
 
-def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any) -> list[Any]:
+def report_failure(failure: Failure, exc: BaseException) -> None:
+    """Say why the run failed: the traceback first for a crash (the full story, in the pod log),
+    then one line that starts with the cause, and the termination message for the operator."""
+    if failure.traceback:
+        traceback.print_exception(exc, file=sys.stderr)
+    kind = "permanent" if failure.permanent else "retryable"
+    print(f"error ({failure.reason}, exit {failure.exit_code}, {kind}): {failure.message}", file=sys.stderr)
+    write_termination_message({"result": "Failed", "reason": failure.reason, "message": failure.message})
+
+
+def stop_message(signal_name: str, step: int, last_checkpoint: int | None, resume: str | None, run: int) -> str:
+    """``stopped on SIGTERM at step 12; checkpoint saved; resume with tuneloop run job.yaml --run 3``."""
+    if last_checkpoint is not None and last_checkpoint == step:
+        saved = "checkpoint saved"
+    elif last_checkpoint is not None:
+        saved = f"no checkpoint at this step; the last one is at step {last_checkpoint}"
+    else:
+        saved = "no checkpoint yet"
+    then = f"resume with {resume} --run {run}" if resume else "the next attempt resumes from the last checkpoint"
+    return f"stopped on {signal_name} at step {step}; {saved}; {then}"
+
+
+def _last_checkpoint(recipe: Any, heartbeat: Any) -> int | None:
+    """The step of the run's latest complete checkpoint: as reported while training, else as stored
+    (a run stopped before its first new step still has the checkpoint it resumed from)."""
+    if heartbeat is not None and heartbeat.last_checkpoint is not None:
+        return int(heartbeat.last_checkpoint.step)
+    checkpoints = getattr(recipe, "checkpoints", None)
+    if checkpoints is None:
+        return None
+    try:
+        info = checkpoints.latest_complete()
+    except Exception:  # storage trouble while stopping: say less, do not fail the stop
+        log.debug("latest checkpoint not found", exc_info=True)
+        return None
+    return None if info is None else int(info.step)
+
+
+#: A URI's scheme (``s3://``, ``file://``, ``gs://``): what tells an output URI from a local path.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def resolve_output(value: str, source: str = "--output") -> str:
+    """The output URI for ``--output``: an ``s3://`` or ``file://`` URI as given, anything else a local
+    directory (made absolute). Raises InvalidConfigError for another scheme or an existing file."""
+    from tuneloop.api.types import check_uri  # noqa: PLC0415
+    from tuneloop_trainer.errors import InvalidConfigError  # noqa: PLC0415
+
+    if _SCHEME.match(value):
+        try:
+            uri = check_uri(value, ("s3", "file"))
+        except ValueError as exc:
+            raise InvalidConfigError(f"{source}: {exc}") from None
+    else:
+        uri = "file://" + str(Path(value).expanduser().resolve())
+    check_output_location(uri, source)
+    return uri
+
+
+def check_output_location(uri: str, source: str) -> None:
+    """A local output must be a directory (or not exist yet): never write runs/ into a file's place."""
+    from tuneloop_trainer.errors import InvalidConfigError  # noqa: PLC0415
+
+    if not uri.startswith("file://"):
+        return
+    path = Path(uri.removeprefix("file://"))
+    if path.exists() and not path.is_dir():
+        raise InvalidConfigError(f"{source}: {path} is a file, not a directory; pass a directory")
+
+
+def parse_run_number(value: str | None, source: str) -> int | None:
+    """A run number given on the command line or in ``TUNELOOP_RUN`` (``None``: not given)."""
+    from tuneloop_trainer.errors import InvalidConfigError  # noqa: PLC0415
+
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise InvalidConfigError(
+            f"{source} must be a run number (1, 2, 3...), got {value[:32]!r}; leave it out to take the next free run"
+        )
+    return number
+
+
+def claim_run_number(job: FineTuneJob, output_uri: str, requested: int | None, *, uid: str | None, local: bool) -> int:
+    """Claim the output prefix for this job and a run number under it (see :mod:`tuneloop.ownership`).
+
+    ``requested`` is claimed as asked (or confirmed, when this job claimed it before: a retried
+    pod, ``--run N`` to resume); without it, the next free number. Another job's output or run
+    ends the run with exit 10 (``OutputOwned``) before anything is written. The claim also proves
+    that the output location is writable before any long work starts."""
+    from tuneloop.contract import spec_hash  # noqa: PLC0415
+    from tuneloop.ownership import (  # noqa: PLC0415
+        ClaimedBy,
+        JobIdentity,
+        OutputOwnedError,
+        claim_next_run,
+        claim_output,
+        claim_run,
+    )
+    from tuneloop.storage import Storage  # noqa: PLC0415
+    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
+
+    storage = Storage.for_uri(output_uri, job.spec.storage)
+    me = JobIdentity(name=job.metadata.name, namespace=job.metadata.namespace, uid=uid)
+    by: ClaimedBy = "tuneloop run" if local else "trainer"
+    try:
+        claim_output(storage, output_uri, me, continue_lineage=job.spec.output.continue_lineage, by=by)
+        if requested is None:
+            return claim_next_run(storage, output_uri, me, spec_hash=spec_hash(job.spec), by=by).run
+        return claim_run(storage, output_uri, me, requested, spec_hash=spec_hash(job.spec), by=by).run
+    except OutputOwnedError as exc:
+        raise OutputOwned(exc.args[0]) from None
+
+
+def _shared_run_number(claim: Any) -> int:
+    """``claim()`` on the first process; its result on every process of a local multi-process
+    launch (each would otherwise claim a number of its own)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return int(claim())
+    import torch  # noqa: PLC0415
+    from accelerate import PartialState  # noqa: PLC0415
+    from accelerate.utils import broadcast_object_list  # noqa: PLC0415
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    box: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            box[0] = int(claim())
+        except Exception as exc:  # the other processes must not wait forever for a number
+            box[0] = exc
+    broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return int(box[0])
+
+
+def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any, uid: str | None) -> list[Any]:
     """Console progress; the S3 heartbeat the operator reads (runs/<n>/status.json); and the
     Prometheus endpoint when ``TUNELOOP_METRICS_PORT`` is set (the operator sets it in pods)."""
     from tuneloop.contract import Layout  # noqa: PLC0415
@@ -100,7 +258,7 @@ def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any) -> list[An
 
     sinks: list[Any] = [console]
     storage = Storage.for_uri(output_uri, job.spec.storage)
-    sinks.append(HeartbeatSink(storage, safe_join(output_uri, Layout.status(run)), run=run))
+    sinks.append(HeartbeatSink(storage, safe_join(output_uri, Layout.status(run)), run=run, job_uid=uid))
     port = os.environ.get("TUNELOOP_METRICS_PORT")
     if port:
         sinks.append(
@@ -109,24 +267,33 @@ def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any) -> list[An
     return sinks
 
 
-def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local: bool) -> int:
-    """Run the recipe and map its outcome to an exit code."""
-    from tuneloop_trainer.errors import TrainerError  # noqa: PLC0415
+def train(
+    job: FineTuneJob, *, run: int | None, output_uri: str, work_dir: Path, local: bool, resume: str | None = None
+) -> int:
+    """Claim the output and the run (``run``, or the next free one), run the recipe, and map its
+    outcome to an exit code. ``resume`` is the command that continues this job (``tuneloop run
+    job.yaml``; `` --run N`` is appended), said when the run is stopped."""
+    from tuneloop_trainer.errors import failure_of  # noqa: PLC0415
     from tuneloop_trainer.progress import ConsoleProgress, Sinks  # noqa: PLC0415
     from tuneloop_trainer.recipe import FineTuneRecipe, Interrupted, RunContext  # noqa: PLC0415
     from tuneloop_trainer.report import format_summary_table  # noqa: PLC0415
+    from tuneloop_trainer.telemetry import HeartbeatSink  # noqa: PLC0415
 
     console = ConsoleProgress(interval=5.0 if local else 30.0)
     # Only the first process of a distributed run reports; the others train silently.
     main_process = int(os.environ.get("RANK", "0")) == 0
     cache = Path(os.environ.get("TUNELOOP_CACHE_DIR", Path.home() / ".cache" / "tuneloop"))
+    # The operator passes the job's uid to its pods: only this job's pods may write its runs.
+    uid = None if local else (os.environ.get("TUNELOOP_JOB_UID") or None)
+    run = _shared_run_number(lambda: claim_run_number(job, output_uri, run, uid=uid, local=local))
     ctx = RunContext(
         job=job,
         run=run,
         output_uri=output_uri,
         work_dir=work_dir,
-        sinks=Sinks(_sinks(job, run, output_uri, console) if main_process else []),
+        sinks=Sinks(_sinks(job, run, output_uri, console, uid) if main_process else []),
         cache_dir=cache,
+        job_uid=uid,
     )
 
     def say(*args: Any, **kwargs: Any) -> None:
@@ -136,23 +303,50 @@ def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local:
     say(f"tuneloop: job {job.metadata.name}, run {run}, task {job.spec.task}, output {output_uri}")
     recipe = FineTuneRecipe(ctx)
 
+    heartbeat = next((s for s in ctx.sinks.sinks if isinstance(s, HeartbeatSink)), None)
+    stop: list[int] = []
+
     def request_stop(signum: int, _frame: Any) -> None:
-        # Kubernetes sends SIGTERM, then SIGKILL after the grace period: finish the step,
-        # write a checkpoint, exit with a retryable code.
+        # Kubernetes sends SIGTERM (then SIGKILL after the grace period); Ctrl-C sends SIGINT, through
+        # `tuneloop run`. Either: finish the step, write a checkpoint, exit 128+signal (retryable).
+        # A second SIGINT aborts at once, for whoever cannot wait for the checkpoint.
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not stop:
+            stop.append(signum)
         recipe.stop_requested = True
 
-    signal.signal(signal.SIGTERM, request_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
     try:
         result = recipe.run()
-    except Interrupted as exc:
+    except Interrupted:
         console.close()
-        say(f"\n{exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except TrainerError as exc:
+        signum = stop[0] if stop else int(signal.SIGTERM)
+        last = _last_checkpoint(recipe, heartbeat)
+        message = stop_message(signal.Signals(signum).name, recipe.step, last, resume, run)
+        say(f"\n{message}", file=sys.stderr)
+        if heartbeat is not None:
+            heartbeat.end("stopped", message)
+        if main_process:
+            write_termination_message({"result": "Stopped", "reason": "Interrupted", "message": message})
+        return 128 + signum
+    except KeyboardInterrupt:  # the second SIGINT: no checkpoint for this step
         console.close()
-        say(f"\nrun failed ({exc.reason}, exit {int(exc.exit_code)}): {exc.message}", file=sys.stderr)
-        write_termination_message({"result": "Failed", "reason": exc.reason, "message": exc.message})
-        return int(exc.exit_code)
+        message = stop_message("a second SIGINT", recipe.step, _last_checkpoint(recipe, heartbeat), resume, run)
+        message = message.replace("stopped on", "aborted on", 1)
+        say(f"\n{message}", file=sys.stderr)
+        if heartbeat is not None:
+            heartbeat.end("stopped", message)
+        return EXIT_CTRL_C
+    except Exception as exc:
+        console.close()
+        failure = failure_of(exc)
+        if heartbeat is not None:
+            heartbeat.end("failed", failure.message)
+        if main_process or failure.traceback:  # a crash may be one rank's own; a permanent cause is everyone's
+            report_failure(failure, exc)
+        return failure.exit_code
     say("\n" + format_summary_table(result.metrics, result.gates))
     say(f"\nmodel:      {result.model_uri}\nmodel card: {result.card_uri}")
     if result.forgetting is not None and not result.forgetting.passed:
@@ -165,8 +359,12 @@ def train(job: FineTuneJob, *, run: int, output_uri: str, work_dir: Path, local:
     write_termination_message(result.summary())
     if not result.passed:
         say("result: trained, but the gates did not pass; the model must not be promoted", file=sys.stderr)
+        if heartbeat is not None:
+            heartbeat.end("failed", f"trained, but the gates did not pass; not to be promoted: {result.model_uri}")
         return int(ExitCode.GATE_FAILED)
     say("result: passed")
+    if heartbeat is not None:
+        heartbeat.end("succeeded", f"trained; gates passed; model: {result.model_uri}")
     return int(ExitCode.SUCCESS)
 
 
@@ -177,9 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="the job as JSON (as the operator mounts it)")
     parser.add_argument(
         "--run",
-        type=int,
-        default=int(os.environ.get("TUNELOOP_RUN", "0")) or None,
-        help="run number (default: $TUNELOOP_RUN, or the next free one for local outputs)",
+        default=os.environ.get("TUNELOOP_RUN"),
+        help="run number (default: $TUNELOOP_RUN, else 1)",
     )
     parser.add_argument("--output-uri", default=os.environ.get("TUNELOOP_OUTPUT_URI"), help="override spec.output.uri")
     parser.add_argument("--work-dir", default=os.environ.get("TUNELOOP_WORK_DIR"), help="local scratch directory")
@@ -187,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a manifest locally")
     run.add_argument("manifest", help="a YAML file with one FineTuneJob")
     run.add_argument("--output", help="local output directory (default: the manifest's spec.output.uri)")
-    run.add_argument("--run", dest="run_number", type=int, help="run number (default: next free)")
+    run.add_argument("--run", dest="run_number", help="run number to claim or resume (default: the next free one)")
     example = sub.add_parser("example", help="write the local sentiment example (data + job.yaml)")
     example.add_argument("directory", help="where to write it")
     return parser
@@ -199,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("TUNELOOP_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
     )
     args = build_parser().parse_args(argv)
-    from tuneloop_trainer.errors import TrainerError  # noqa: PLC0415
+    from tuneloop_trainer.errors import failure_of  # noqa: PLC0415
 
+    resume: str | None = None
     try:
         if args.command == "example":
             from tuneloop_trainer.example import write_example  # noqa: PLC0415
@@ -217,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
             job = load_job(document.body, args.manifest)
             output_uri = job.spec.output.uri
             if args.output:
-                output_uri = "file://" + str(Path(args.output).resolve())
-            run_number = args.run_number or next_run_number(output_uri)
+                output_uri = resolve_output(args.output)
+            else:
+                check_output_location(output_uri, "spec.output.uri")
+            resume = shlex.join(["tuneloop", "run", args.manifest, *(["--output", args.output] if args.output else [])])
+            run_number = parse_run_number(args.run_number, "--run")
             local = True
         else:
             if not args.config:
@@ -232,18 +433,19 @@ def main(argv: list[str] | None = None) -> int:
                 return int(ExitCode.INVALID_CONFIG)
             job = load_job(body, args.config)
             output_uri = args.output_uri or job.spec.output.uri
-            run_number = args.run or 1
+            check_output_location(output_uri, "--output-uri" if args.output_uri else "spec.output.uri")
+            run_number = parse_run_number(args.run, "--run (or TUNELOOP_RUN)") or 1
             local = False
         if args.work_dir:
             work = Path(args.work_dir)
             work.mkdir(parents=True, exist_ok=True)
-            return train(job, run=run_number, output_uri=output_uri, work_dir=work, local=local)
+            return train(job, run=run_number, output_uri=output_uri, work_dir=work, local=local, resume=resume)
         with tempfile.TemporaryDirectory(prefix="tuneloop-") as tmp:
-            return train(job, run=run_number, output_uri=output_uri, work_dir=Path(tmp), local=local)
-    except TrainerError as exc:
-        print(f"error ({exc.reason}): {exc.message}", file=sys.stderr)
-        write_termination_message({"result": "Failed", "reason": exc.reason, "message": exc.message})
-        return int(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+            return train(job, run=run_number, output_uri=output_uri, work_dir=Path(tmp), local=local, resume=resume)
+    except KeyboardInterrupt:  # before training started (train() handles its own)
+        print("stopped on SIGINT before training started", file=sys.stderr)
+        return EXIT_CTRL_C
+    except Exception as exc:  # a known permanent cause (exit 10-13) or a crash (exit 1, retried)
+        failure = failure_of(exc)
+        report_failure(failure, exc)
+        return failure.exit_code

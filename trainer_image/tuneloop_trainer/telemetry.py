@@ -245,7 +245,8 @@ class HeartbeatSink:
     per ``min_interval`` seconds of ``clock``; phase changes, evaluations,
     :meth:`set_checkpoint` and :meth:`close` always write. A background thread does the writing
     and only the latest heartbeat waits for it (older pending ones are dropped). Storage errors are
-    logged and the next heartbeat is tried as usual.
+    logged and the next heartbeat is tried as usual. :meth:`end` writes how the run ended
+    (``succeeded``, ``stopped``, ``failed`` and why), even after :meth:`close`.
     """
 
     def __init__(
@@ -254,6 +255,7 @@ class HeartbeatSink:
         uri: str,
         *,
         run: int | None = None,
+        job_uid: str | None = None,
         min_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -270,7 +272,7 @@ class HeartbeatSink:
             if found is None:
                 raise ValueError(f"{uri}: no runs/<n>/ in the URI; pass run=")
             run = int(found.group(1))
-        self._state: dict[str, Any] = {"run": run, "phase": ""}
+        self._state: dict[str, Any] = {"run": run, "job_uid": job_uid, "phase": ""}
         self._metrics: dict[str, float | None] = {}
         self._splits: dict[str, dict[str, float | None]] = {}
         self._last_write: float | None = None
@@ -338,6 +340,39 @@ class HeartbeatSink:
             self._state["last_checkpoint"] = CheckpointRef(step=max(0, step), uri=uri)
             self._submit(force=True)
 
+    @property
+    def last_checkpoint(self) -> CheckpointRef | None:
+        """The latest complete checkpoint recorded with :meth:`set_checkpoint`."""
+        with self._lock:
+            ref = self._state.get("last_checkpoint")
+            return ref if isinstance(ref, CheckpointRef) else None
+
+    def end(self, phase: str, message: str, timeout: float = 60.0) -> None:
+        """Record how the run ended (``stopped``, ``failed``) and write it, also after :meth:`close`
+        (the recipe closes its sinks before the entry point knows why it ended).
+
+        The estimate of the remaining time is dropped: nothing is running any more. Written in the
+        caller's thread once the writer is closed; a storage error is logged, never raised."""
+        with self._lock:
+            self._state.update(phase=phase, message=message[:_MESSAGE_MAX_CHARS], estimated_remaining_seconds=None)
+            closed = self._closed
+        if not closed:
+            self.close(timeout)  # writes the state just set, and waits for it
+            return
+        self._thread.join(timeout)  # a close() that timed out may still be writing: last write wins
+        with self._lock:
+            try:
+                heartbeat = self._heartbeat()
+            except Exception:
+                logger.warning("final heartbeat not written: invalid values", exc_info=True)
+                return
+        try:
+            self.storage.write_json(self.uri, heartbeat.model_dump(mode="json", by_alias=True))
+            self.writes += 1
+        except Exception as exc:
+            self.failures += 1
+            logger.warning("final heartbeat to %s failed: %s", self.uri, exc)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted heartbeat is written (or failed); ``False`` on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -359,18 +394,22 @@ class HeartbeatSink:
         if not force and self._last_write is not None and now - self._last_write < self.min_interval:
             return
         try:
-            heartbeat = Heartbeat(
-                **self._state,
-                metrics=dict(self._metrics),
-                splits={k: dict(v) for k, v in self._splits.items()},
-                last_updated_time=datetime.now(UTC),
-            )
+            heartbeat = self._heartbeat()
         except Exception:  # a value the model refuses must not stop training
             logger.warning("heartbeat not written: invalid values", exc_info=True)
             return
         self._last_write = now
         self._pending = heartbeat  # coalesce: a newer heartbeat replaces one not yet written
         self._wake.notify_all()
+
+    def _heartbeat(self) -> Heartbeat:
+        """A snapshot of the state (the caller holds the lock)."""
+        return Heartbeat(
+            **self._state,
+            metrics=dict(self._metrics),
+            splits={k: dict(v) for k, v in self._splits.items()},
+            last_updated_time=datetime.now(UTC),
+        )
 
     def _worker(self) -> None:
         while True:
