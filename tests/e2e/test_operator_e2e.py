@@ -478,8 +478,9 @@ def test_a_two_node_run_trains_as_one_and_is_retried_as_one(world: World) -> Non
     assert done["runs"][-1]["metrics"]["accuracy"] >= 0.0
 
 
+@pytest.mark.usefixtures("secret")  # the operator reads the output with it before creating pods
 def test_a_pod_the_api_server_refuses_is_reported_and_retried_slowly(
-    k8s_api: K8sApi, operator: OperatorProcess, tiny_model_dir: Any, data: Path, s3: S3Harness, secret: None
+    k8s_api: K8sApi, operator: OperatorProcess, tiny_model_dir: Any, data: Path, s3: S3Harness
 ) -> None:
     # An admission refusal (quota, policy) of every pod create: an event says so, the job is not
     # marked as started, and the operator does not hammer the API server.
