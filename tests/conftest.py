@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.harness.k8s_fixtures",
     "tests.harness.kubelet_fixtures",
     "tests.harness.operator",
+    "tests.harness.prometheus",
 ]
