@@ -75,11 +75,20 @@ def load_job(body: Any, source: str) -> FineTuneJob:
     return job
 
 
+#: Summary keys dropped, in this order, while the termination message is over 4 KiB: the
+#: detail the model card has too goes first.
+_DROPPABLE_KEYS = ("dataDriftDetail", "dataFingerprint", "bestStep", "steps", "promotedMetrics", "metrics")
+#: Keys the shortest form keeps (with the start of ``message`` and each gate's pass flag).
+_ESSENTIAL_KEYS = ("result", "reason", "modelUri", "promotedRun", "dataDrift")
+
+
 def write_termination_message(summary: dict[str, Any]) -> None:
     """The final summary, where Kubernetes copies it into the pod status (<= 4 KiB).
 
-    Too long, it keeps ``result``, ``reason``, ``modelUri`` and the start of ``message`` (which
-    starts with the cause), marked ``"truncated": true``; it is always valid JSON."""
+    Too long, it drops detail (the keys in :data:`_DROPPABLE_KEYS`, in order), then keeps only
+    ``result``, ``reason``, ``modelUri``, ``promotedRun``, ``dataDrift``, each gate's metric and
+    ``passed`` flag, and the start of ``message`` (which starts with the cause), marked
+    ``"truncated": true``; it is always valid JSON."""
     path = Path(os.environ.get("TUNELOOP_TERMINATION_LOG", TERMINATION_MESSAGE_PATH))
     text = termination_message(summary)
     try:
@@ -98,7 +107,24 @@ def termination_message(summary: dict[str, Any]) -> str:
     text = dump(summary)
     if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES:
         return text
-    short: dict[str, Any] = {k: str(v)[:512] for k, v in summary.items() if k in ("result", "reason", "modelUri")}
+    trimmed = dict(summary)
+    for key in _DROPPABLE_KEYS:
+        if trimmed.pop(key, None) is not None:
+            text = dump({**trimmed, "truncated": True})
+            if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES:
+                return text
+    short: dict[str, Any] = {
+        k: v if isinstance(v, int | float) and not isinstance(v, bool) else str(v)[:512]
+        for k, v in summary.items()
+        if k in _ESSENTIAL_KEYS
+    }
+    gates = summary.get("gates")
+    if isinstance(gates, list):
+        short["gates"] = [
+            {"metric": str(g.get("metric"))[:64], "passed": bool(g.get("passed"))}
+            for g in gates[:16]
+            if isinstance(g, dict)
+        ]
     short["truncated"] = True
     message = str(summary.get("message", ""))
     room = TERMINATION_MESSAGE_MAX_BYTES - len(dump({**short, "message": ""}).encode())
@@ -347,7 +373,9 @@ def train(
         if main_process or failure.traceback:  # a crash may be one rank's own; a permanent cause is everyone's
             report_failure(failure, exc)
         return failure.exit_code
-    say("\n" + format_summary_table(result.metrics, result.gates))
+    say("\n" + format_summary_table(result.metrics, result.gates, result.promoted))
+    if result.data_drift is not None and result.data_drift.score is not None:  # "not measured" was said already
+        say(result.data_drift.summary_line())
     say(f"\nmodel:      {result.model_uri}\nmodel card: {result.card_uri}")
     if result.forgetting is not None and not result.forgetting.passed:
         say(

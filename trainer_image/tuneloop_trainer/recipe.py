@@ -9,6 +9,7 @@ report. The same code runs in a pod and under ``tuneloop run``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from tuneloop.api import FineTuneJob
-from tuneloop.api.spec import GENERATION_METRICS, METRIC_OUTPUTS, metric_direction
-from tuneloop.contract import Layout
+from tuneloop.api.spec import GENERATION_METRICS, METRIC_OUTPUTS, Method, ModelSource, metric_direction
+from tuneloop.contract import Layout, PromotedPointer
 from tuneloop_trainer.batching import (
     collate_packed,
     collate_padded,
@@ -40,11 +41,14 @@ from tuneloop_trainer.batching import (
 )
 from tuneloop_trainer.checkpoints import CheckpointManager, CheckpointState, capture_rng, restore_rng
 from tuneloop_trainer.data import Example, PreparedData, prepare_data
+from tuneloop_trainer.data.profile import DataDrift, DataProfile, build_profile, data_drift, tokenizer_fingerprint
+from tuneloop_trainer.errors import InvalidConfigError, UnsupportedModelError
 from tuneloop_trainer.evaluation import (
     EarlyStopper,
     FairnessResult,
     ForgettingResult,
     GateResult,
+    PromotedEvaluation,
     classification_metrics,
     evaluate_gates,
     fairness_check,
@@ -55,18 +59,20 @@ from tuneloop_trainer.evaluation import (
 from tuneloop_trainer.features import IGNORE_INDEX, Feature, build_features
 from tuneloop_trainer.models import (
     LoadedModel,
+    TrainedModel,
     check_fits_task,
     fit_max_seq_length,
     load_config,
     load_model,
     load_tokenizer,
+    load_trained_model,
     max_input_tokens,
     mixed_precision,
     resolve_model,
 )
 from tuneloop_trainer.optim import GradualUnfreezer, describe_groups, parameter_groups
 from tuneloop_trainer.progress import Sinks, StepReport, Throughput
-from tuneloop_trainer.report import ModelCard, TrainingHistory, plot_curves, write_model_card
+from tuneloop_trainer.report import ModelCard, TrainingHistory, comparison, plot_curves, write_model_card
 from tuneloop_trainer.sources import Sources
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,8 @@ log = logging.getLogger(__name__)
 #: validation they are computed on at most this many examples.
 MAX_GENERATION_EXAMPLES_DURING_TRAINING = 128
 MAX_NEW_TOKENS = 128
+#: Longest ``message`` in the termination summary (the operator shows it in status).
+MAX_SUMMARY_MESSAGE_CHARS = 1000
 
 
 @dataclass
@@ -129,6 +137,27 @@ class EvalOutput:
 
 
 @dataclass
+class EvalTarget:
+    """A model :meth:`FineTuneRecipe.evaluate` runs: the candidate, or the promoted model, with
+    what feeding it depends on."""
+
+    model: Any
+    tokenizer: Any
+    config: Any
+    """Its (base) model config: how many positions a decoder has."""
+    method: Method
+    """Its adaptation method: virtual tokens change batching and generation."""
+    label_index: torch.Tensor | None = None
+    """Classification, when its classes differ from this run's: for each class id of this run's
+    data, the model's output that has the same name (-1: it has no such class)."""
+
+
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    """Finite values, rounded as the termination summary carries them."""
+    return {k: round(v, 6) for k, v in metrics.items() if math.isfinite(v)}
+
+
+@dataclass
 class RunResult:
     """How a run ended (also the termination-message summary)."""
 
@@ -144,17 +173,55 @@ class RunResult:
     best_step: int | None
     data_fingerprint: str
     stopped_early: bool
+    promoted: PromotedEvaluation | None = None
+    """The model promoted when the run started, evaluated on the same splits (``None``: none)."""
+    data_drift: DataDrift | None = None
+    """How far the training data moved since the promoted run (``None``: nothing promoted)."""
+
+    def message(self) -> str:
+        """One sentence on the outcome: which gates or limits failed and by how much."""
+        compared = ""
+        if self.promoted is not None:
+            compared = (
+                f" (compared with promoted run {self.promoted.run} on the same test split)"
+                if self.promoted.error is None
+                else f" (promoted run {self.promoted.run} could not be evaluated: {self.promoted.error})"
+            )
+        if self.passed:
+            text = f"trained; every gate passed{compared}; model: {self.model_uri}"
+        else:
+            failed = [f"gate {g.metric}: {g.message}" for g in self.gates if not g.passed]
+            if self.forgetting is not None and not self.forgetting.passed:
+                failed.append(
+                    f"forgetting: general-domain perplexity rose {self.forgetting.relative_increase:+.1%} "
+                    f"(limit {self.forgetting.max_increase:.0%})"
+                )
+            if self.fairness is not None and not self.fairness.passed:
+                failed.append(f"fairness: {self.fairness.message}")
+            text = "not to be promoted: " + "; ".join(failed)
+        return text if len(text) <= MAX_SUMMARY_MESSAGE_CHARS else text[: MAX_SUMMARY_MESSAGE_CHARS - 1] + "…"
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """The termination message (``tuneloop_trainer.main.termination_message`` keeps it within
+        4 KiB, dropping the least important keys first)."""
+        out: dict[str, Any] = {
             "result": "Succeeded" if self.passed else "GateFailed",
-            "metrics": {k: round(v, 6) for k, v in self.metrics.items() if math.isfinite(v)},
+            "reason": "Succeeded" if self.passed else "GateFailed",
+            "message": self.message(),
+            "metrics": _rounded(self.metrics),
             "modelUri": self.model_uri,
             "gates": [{k: g.to_dict()[k] for k in ("metric", "passed", "value")} for g in self.gates],
             "steps": self.steps,
             "bestStep": self.best_step,
             "dataFingerprint": self.data_fingerprint,
         }
+        if self.promoted is not None:
+            out["promotedRun"] = self.promoted.run
+            out["promotedMetrics"] = _rounded(self.promoted.metrics)
+        if self.data_drift is not None and self.data_drift.score is not None:
+            out["dataDrift"] = round(self.data_drift.score, 6)
+            out["dataDriftDetail"] = _rounded(self.data_drift.distances)
+        return out
 
 
 def seed_everything(seed: int) -> None:
@@ -181,6 +248,10 @@ class FineTuneRecipe:
         self.stop_requested = False
         self.base_forgetting_perplexity: float | None = None
         self.notes: list[str] = []
+        self.promoted_pointer: PromotedPointer | None = None
+        self.data_profile: DataProfile | None = None
+        self.promoted_profile: DataProfile | None = None
+        self.data_drift: DataDrift | None = None
 
     # --- setup ----------------------------------------------------------------------
 
@@ -192,6 +263,8 @@ class FineTuneRecipe:
         )
         self.device = self.accelerator.device
         self.sinks.phase("validating")
+        # Read before any long work: a malformed pointer is a configuration error (exit 10).
+        self.promoted_pointer = self._read_promoted_pointer()
         self.resolved = resolve_model(self.spec.model, self.sources.download_model, self.sources.cache_dir)
         self._setup_tokenizer_and_data()
         self._setup_model()
@@ -230,9 +303,81 @@ class FineTuneRecipe:
         )
         if length_warning is not None:  # printed with the report's lines below, and kept in it
             self.data.report.warnings.append(length_warning)
+        self._profile_data()
         self.sinks.data_report(self.data.report.to_dict())
         for line in self.data.report.summary_lines():
             self.sinks.message(f"   {line}")
+
+    def _read_promoted_pointer(self) -> PromotedPointer | None:
+        """``promoted.json`` under the output (written by the operator, or by hand for local
+        runs): the model this run is compared with. ``None`` when nothing is promoted."""
+        from pydantic import ValidationError  # noqa: PLC0415
+
+        from tuneloop.storage import NotFoundError  # noqa: PLC0415
+
+        uri = self.ctx.run_uri(Layout.PROMOTED)
+        try:
+            raw = self.sources.storage(uri).read_bytes(uri)
+        except NotFoundError:
+            return None
+        advice = (
+            "the operator writes it when it promotes a run; fix or delete the object (deleting it means nothing is "
+            "promoted), or set spec.promotion.pin to a run whose model exists"
+        )
+        try:
+            return PromotedPointer.model_validate_json(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'the object'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise InvalidConfigError(
+                f"{uri} is not a valid promoted-model pointer (format tuneloop-promoted/1): {problems}; {advice}"
+            ) from None
+
+    def _profile_data(self) -> None:
+        """Profile the training split and, when a run is promoted, measure how far the data moved
+        since (:mod:`tuneloop_trainer.data.profile`); both go into the validation report."""
+        tokenizer = self.tokenizer
+
+        def tokenize(texts: Sequence[str]) -> list[list[int]]:
+            return cast("list[list[int]]", tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+
+        self.data_profile = build_profile(
+            self.data.train,
+            tokenize=tokenize,
+            token_name=lambda token: str(tokenizer.convert_ids_to_tokens(int(cast("int", token)))),
+            tokenizer=tokenizer_fingerprint(tokenizer.get_vocab()),
+            label_names=self.data.label_names,
+            run=self.ctx.run,
+        )
+        pointer = self.promoted_pointer
+        if pointer is None:
+            return
+        profile, why_not = self._read_promoted_profile(pointer.run)
+        self.promoted_profile = profile
+        if profile is None:
+            self.data_drift = DataDrift(pointer.run, None, reason=why_not)
+        else:
+            self.data_drift = data_drift(self.data_profile, profile, pointer.run)
+        report = self.data.report
+        report.data_drift = self.data_drift.to_dict()
+        report.data_drift_line = self.data_drift.summary_line()
+
+    def _read_promoted_profile(self, run: int) -> tuple[DataProfile | None, str]:
+        """The promoted run's data profile, or why there is none (never fatal: drift is a report)."""
+        from tuneloop.storage import NotFoundError, StorageError  # noqa: PLC0415
+
+        uri = self.ctx.run_uri(Layout.data_profile(run))
+        try:
+            raw = self.sources.storage(uri).read_json(uri)
+        except NotFoundError:
+            return None, f"run {run} has no data profile ({uri}; runs by earlier trainers did not write one)"
+        except StorageError as exc:
+            return None, f"its data profile could not be read: {exc}"
+        try:
+            return DataProfile.from_dict(raw), ""
+        except ValueError as exc:
+            return None, f"its data profile {uri} is not usable: {exc}"
 
     def _setup_model(self) -> None:
         self.loaded: LoadedModel = load_model(
@@ -640,13 +785,25 @@ class FineTuneRecipe:
             return False
         return final or any(self.selection_metric in METRIC_OUTPUTS[f] for f in families)
 
+    def _candidate(self) -> EvalTarget:
+        return EvalTarget(self.model, self.tokenizer, self.model_config, self.spec.method)
+
     @torch.no_grad()
-    def evaluate(self, features: Sequence[Feature], examples: Sequence[Example], *, final: bool) -> EvalOutput:
+    def evaluate(
+        self,
+        features: Sequence[Feature],
+        examples: Sequence[Example],
+        *,
+        final: bool,
+        target: EvalTarget | None = None,
+    ) -> EvalOutput:
         """Loss-based metrics for every task, classification metrics, perplexity, and
-        generated-text metrics when asked for."""
-        model = self.model
+        generated-text metrics when asked for; of the candidate, or of ``target`` (the promoted
+        model, through the very same code)."""
+        target = target or self._candidate()
+        model = target.model
         model.eval()
-        pad = int(self.tokenizer.pad_token_id)
+        pad = int(target.tokenizer.pad_token_id)
         n = len(features)
         losses = [0.0] * n
         units = [0] * n
@@ -658,6 +815,8 @@ class FineTuneRecipe:
                 if self.spec.task == "sequence-classification":
                     labels = tensors.pop("labels")
                     logits = model(**tensors).logits.float()
+                    if target.label_index is not None:
+                        logits = _in_run_classes(logits, target.label_index.to(logits.device))
                     per = F.cross_entropy(logits, labels, reduction="none")
                     for j, i in enumerate(batch_idx):
                         losses[i] = float(per[j])
@@ -692,7 +851,7 @@ class FineTuneRecipe:
             metrics["perplexity"] = perplexity(sum(losses), total_units)
         if self._wants_generation(final):
             limit = None if final else MAX_GENERATION_EXAMPLES_DURING_TRAINING
-            texts, references = self._generate(features, limit)
+            texts, references = self._generate(features, limit, target)
             out.predictions, out.references = list(texts), list(references)
             metrics.update(generation_metrics(texts, references, [f for f in families if f in GENERATION_METRICS]))
         return out
@@ -709,23 +868,25 @@ class FineTuneRecipe:
         half = max(1, feature.length // 2)  # plain text: continue the first half
         return feature.input_ids[:half], feature.input_ids[half:]
 
-    def _generate(self, features: Sequence[Feature], limit: int | None) -> tuple[list[str], list[str]]:
-        model = self.accelerator.unwrap_model(self.model)
-        tok = self.tokenizer
+    def _generate(
+        self, features: Sequence[Feature], limit: int | None, target: EvalTarget
+    ) -> tuple[list[str], list[str]]:
+        model = self.accelerator.unwrap_model(target.model)
+        tok = target.tokenizer
         pad = int(tok.pad_token_id)
         chosen = list(features)[:limit] if limit else list(features)
         pairs = [self._prompt_and_reference(f) for f in chosen]
         # A decoder's prompt and what it generates share its positions: keep the end of long
         # prompts so that at least some new tokens fit (an index past the position embeddings
         # would crash the evaluation after all the training).
-        room = self._decoder_positions()
+        room = self._decoder_positions(target)
         if room is not None:
             keep = max(1, room - min(MAX_NEW_TOKENS, max(1, room // 4)))
             pairs = [(p[-keep:], r) for p, r in pairs]
         preds: list[str] = []
         # Virtual-token methods break position ids under left padding (peft 0.21 with
         # transformers 5): generate one example at a time, unpadded, for them.
-        virtual = self.spec.method.type in ("prefix-tuning", "prompt-tuning")
+        virtual = target.method.type in ("prefix-tuning", "prompt-tuning")
         batch_size = 1 if virtual else max(1, self.hp.batch_size)
         for start in range(0, len(pairs), batch_size):
             part = pairs[start : start + batch_size]
@@ -747,7 +908,7 @@ class FineTuneRecipe:
                     mask[j, width - len(p) :] = 1
             with self.accelerator.autocast():
                 if virtual and self.spec.task == "causal-lm":
-                    out = self._greedy_without_cache(model, ids.to(self.device), max_new)
+                    out = self._greedy_without_cache(model, ids.to(self.device), max_new, tok.eos_token_id)
                 else:
                     out = model.generate(
                         input_ids=ids.to(self.device),
@@ -763,19 +924,19 @@ class FineTuneRecipe:
         refs = tok.batch_decode([r for _, r in pairs], skip_special_tokens=True)
         return [p.strip() for p in preds], [r.strip() for r in refs]
 
-    def _decoder_positions(self) -> int | None:
+    def _decoder_positions(self, target: EvalTarget) -> int | None:
         """How many tokens (prompt and generated) a decoder takes; ``None`` for encoder-decoders
         (the generated text has positions of its own) and models without absolute positions."""
         if self.spec.task != "causal-lm":
             return None
-        limit = max_input_tokens(self.model_config, self.spec.method)
+        limit = max_input_tokens(target.config, target.method)
         return limit.tokens if limit is not None and limit.tokens > 1 else None
 
-    def _greedy_without_cache(self, model: Any, ids: torch.Tensor, max_new: int) -> torch.Tensor:
+    @staticmethod
+    def _greedy_without_cache(model: Any, ids: torch.Tensor, max_new: int, eos: int | None) -> torch.Tensor:
         """Greedy decoding by full forward passes. For prompt tuning on decoders, where
         ``generate()`` computes position ids past the virtual tokens (peft 0.21 with
         transformers 5); quadratic, but only used on one example at a time."""
-        eos = self.tokenizer.eos_token_id
         new: list[int] = []
         for _ in range(max_new):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
@@ -796,7 +957,8 @@ class FineTuneRecipe:
     # --- finish -----------------------------------------------------------------------
 
     def finish(self) -> RunResult:
-        """Final evaluation on the best weights, gates, and outputs."""
+        """Final evaluation on the best weights, the promoted model on the same splits, gates,
+        and outputs."""
         self.sinks.phase("evaluating")
         self._restore_best()
         test_features, test_examples = self.test_features, self.data.test
@@ -819,7 +981,12 @@ class FineTuneRecipe:
         fairness = self._fairness(test, test_examples)
         if fairness is not None:
             metrics["fairness_gap"] = fairness.gap
-        promoted = self._promoted_metrics()
+        # The candidate is done with: written to disk, it leaves memory before the promoted
+        # model loads, so that the two are never held at once.
+        save_format = self._write_model()
+        promoted = None
+        if self.promoted_pointer is not None:
+            promoted = self._evaluate_promoted(self.promoted_pointer, test_examples)
         gates = evaluate_gates(self.spec.promotion.gates, metrics, promoted)
         passed = (
             all(g.passed for g in gates)
@@ -827,7 +994,14 @@ class FineTuneRecipe:
             and (fairness is None or fairness.passed)
         )
         model_uri, card_uri = self.save(
-            metrics=metrics, test=test, gates=gates, forgetting=forgetting, fairness=fairness, passed=passed
+            metrics=metrics,
+            test=test,
+            gates=gates,
+            forgetting=forgetting,
+            fairness=fairness,
+            passed=passed,
+            promoted=promoted,
+            save_format=save_format,
         )
         return RunResult(
             passed=passed,
@@ -842,6 +1016,8 @@ class FineTuneRecipe:
             best_step=getattr(self, "best_step", None),
             data_fingerprint=self.data.fingerprint,
             stopped_early=self.stopped_early,
+            promoted=promoted,
+            data_drift=self.data_drift,
         )
 
     def _fairness(self, test: EvalOutput, examples: Sequence[Example]) -> FairnessResult | None:
@@ -874,16 +1050,147 @@ class FineTuneRecipe:
 
         return fairness_check(metric, groups, compute, settings.max_gap)
 
-    def _promoted_metrics(self) -> dict[str, float] | None:
-        from tuneloop.storage import NotFoundError  # noqa: PLC0415
+    # --- the promoted model -------------------------------------------------------------
 
-        uri = self.ctx.run_uri(Layout.PROMOTED)
+    def _evaluate_promoted(self, pointer: PromotedPointer, test_examples: Sequence[Example]) -> PromotedEvaluation:
+        """The promoted model on this run's test split (and out-of-domain set), through
+        :meth:`evaluate` like the candidate. A model that cannot be loaded is reported, not
+        raised: the gates that need it fail, the others are judged as usual."""
+        where = f"run {pointer.run}, {pointer.model_uri}"
+        self.sinks.message(
+            f"   evaluating the promoted model ({where}) on this run's test split ({len(test_examples):,} rows)"
+            + (f" and out-of-domain set ({len(self.data.out_of_domain):,} rows)" if self.data.out_of_domain else "")
+        )
+        self._release_candidate()
         try:
-            promoted = self.sources.storage(uri).read_json(uri)
+            trained = self._load_promoted(pointer)
+        except _PromotedUnavailable as exc:
+            self.sinks.message(f"   the promoted model ({where}) could not be evaluated: {exc}")
+            return PromotedEvaluation(pointer.run, pointer.model_uri, {}, error=str(exc))
+        try:
+            metrics = self._measure_promoted(trained, test_examples)
+        finally:  # the last reference to it: freed here, not when the run ends
+            del trained
+            _free_memory()
+        return PromotedEvaluation(pointer.run, pointer.model_uri, metrics)
+
+    def _measure_promoted(self, trained: TrainedModel, test_examples: Sequence[Example]) -> dict[str, float]:
+        target = self._promoted_target(trained)
+        features = self._promoted_features(trained, test_examples)
+        metrics = dict(self.evaluate(features, test_examples, final=True, target=target).metrics)
+        self.sinks.evaluation(self.step, "promoted", metrics)
+        if self.data.out_of_domain:
+            ood_features = self._promoted_features(trained, self.data.out_of_domain)
+            ood = self.evaluate(ood_features, self.data.out_of_domain, final=True, target=target).metrics
+            metrics.update({f"ood_{k}": v for k, v in ood.items()})
+            self.sinks.evaluation(self.step, "promoted-out-of-domain", ood)
+        return metrics
+
+    def _release_candidate(self) -> None:
+        """Drop the candidate model and the optimizer state (its weights are on disk by now)."""
+        self.accelerator.free_memory()
+        for name in ("model", "optimizer", "scheduler", "unfreezer", "loaded"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.best_state = None
+        _free_memory()
+
+    def _load_promoted(self, pointer: PromotedPointer) -> TrainedModel:
+        """Bring the promoted model to local disk and load it for this job's task; raises
+        :class:`_PromotedUnavailable` saying why it cannot be (a transient storage error is
+        raised as it is: the run is retried)."""
+        from tuneloop.storage import NotFoundError, StorageError  # noqa: PLC0415
+        from tuneloop_trainer.errors import PERMANENT_STORAGE_CODES  # noqa: PLC0415
+
+        uri = pointer.model_uri
+        try:
+            directory = self._fetch_promoted(uri)
+            base = self.resolved
+            if pointer.base_model_uri and pointer.base_model_uri != self.spec.model.uri:
+                try:
+                    source = ModelSource(uri=pointer.base_model_uri)
+                except ValueError:
+                    raise _PromotedUnavailable(
+                        f"its baseModelUri {pointer.base_model_uri[:200]!r} is not a model URI (hf://, s3://, file://)"
+                    ) from None
+                base = resolve_model(source, self.sources.download_model, self.sources.cache_dir)
+            names = self.promoted_profile.label_names if self.promoted_profile is not None else None
+            trained = load_trained_model(self.spec, directory, uri, base, names or self.data.label_names)
         except NotFoundError:
-            return None
-        metrics = promoted.get("metrics") if isinstance(promoted, dict) else None
-        return {k: float(v) for k, v in metrics.items()} if isinstance(metrics, dict) else None
+            raise _PromotedUnavailable("it no longer exists") from None
+        except StorageError as exc:
+            if exc.code in PERMANENT_STORAGE_CODES:
+                raise _PromotedUnavailable(str(exc)) from None
+            raise
+        except UnsupportedModelError as exc:
+            raise _PromotedUnavailable(exc.message) from None
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # what loaders raise for files they cannot use
+            raise _PromotedUnavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
+        if not getattr(trained.model, "is_loaded_in_4bit", False):  # bitsandbytes placed it already
+            trained.model.to(self.device)
+        return trained
+
+    def _fetch_promoted(self, uri: str) -> Path:
+        """The promoted model's directory on local disk."""
+        import hashlib  # noqa: PLC0415
+
+        scheme = uri.split("://", 1)[0]
+        if scheme == "file":
+            path = Path(uri.removeprefix("file://"))
+            if not path.is_dir():
+                raise _PromotedUnavailable(f"it no longer exists ({path} is not a directory)")
+            return path
+        if scheme != "s3":
+            raise _PromotedUnavailable("its URI is not s3:// or file://, which this trainer reads models from")
+        if not self.sources.storage(uri).list(uri):
+            raise _PromotedUnavailable("it no longer exists (nothing is stored under it)")
+        dest = self.sources.cache_dir / "promoted" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+        return self.sources.download_model(uri, dest)
+
+    def _promoted_target(self, trained: TrainedModel) -> EvalTarget:
+        index = None
+        current = self.data.label_names
+        if current is not None and trained.label_names is not None and trained.label_names != current:
+            outputs = {name: i for i, name in enumerate(trained.label_names)}
+            index = torch.tensor([outputs.get(name, -1) for name in current], dtype=torch.long)
+            missing = [n for n in current if n not in outputs]
+            self.sinks.message(
+                f"   the promoted model was trained on the classes {', '.join(trained.label_names)}"
+                + (f"; it cannot predict {', '.join(missing)}" if missing else "")
+            )
+        return EvalTarget(trained.model, trained.tokenizer, trained.config, trained.method, index)
+
+    def _promoted_features(self, trained: TrainedModel, examples: Sequence[Example]) -> list[Feature]:
+        """The examples as the promoted model reads them: its own tokenizer, and no more tokens
+        than it takes."""
+        max_len = self.hp.max_seq_length
+        limit = max_input_tokens(trained.config, trained.method)
+        if limit is not None and 1 <= limit.tokens < max_len:
+            max_len = limit.tokens
+        return build_features(examples, self.spec.task, trained.tokenizer, max_len, self.spec.columns())
+
+    # --- outputs ------------------------------------------------------------------------
+
+    def _outputs_dir(self) -> Path:
+        return self.ctx.work_dir / "outputs"
+
+    def _write_model(self) -> str:
+        """Write the candidate's weights and tokenizer locally (uploaded by :meth:`save`);
+        returns the save format."""
+        local = self._outputs_dir()
+        shutil.rmtree(local, ignore_errors=True)
+        model_dir = local / "model"
+        model_dir.mkdir(parents=True)
+        model = self.accelerator.unwrap_model(self.model)
+        save_format = self.spec.save_format()
+        if save_format == "merged":
+            model = model.merge_and_unload()
+        if self.accelerator.is_main_process:
+            model.save_pretrained(model_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(model_dir)
+        return save_format
 
     def save(
         self,
@@ -894,23 +1201,17 @@ class FineTuneRecipe:
         forgetting: ForgettingResult | None,
         fairness: FairnessResult | None,
         passed: bool,
+        promoted: PromotedEvaluation | None,
+        save_format: str,
     ) -> tuple[str, str]:
-        """Write model, tokenizer, model card and report locally, then upload them."""
+        """Write model card and report next to the model written by :meth:`_write_model`, then
+        upload them all."""
         self.sinks.phase("uploading")
         run = self.ctx.run
-        local = self.ctx.work_dir / "outputs"
-        shutil.rmtree(local, ignore_errors=True)
+        local = self._outputs_dir()
         model_dir = local / "model"
         report_dir = local / "report"
-        model_dir.mkdir(parents=True)
-        report_dir.mkdir(parents=True)
-        model = self.accelerator.unwrap_model(self.model)
-        save_format = self.spec.save_format()
-        if save_format == "merged":
-            model = model.merge_and_unload()
-        if self.accelerator.is_main_process:
-            model.save_pretrained(model_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(model_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
         model_uri = self.ctx.run_uri(Layout.model(run)) + "/"
         card = ModelCard(
             job=self.ctx.job.metadata.name,
@@ -942,12 +1243,18 @@ class FineTuneRecipe:
             notes=self.notes,
             model_uri=model_uri,
             save_format=save_format,
+            promoted=comparison(metrics, gates, promoted),
+            data_drift=self.data_drift.to_dict() if self.data_drift is not None else None,
         )
         write_model_card(card, local)
         plot_curves(self.history, report_dir)
         (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (report_dir / "validation-report.json").write_text(json.dumps(self.data.report.to_dict(), indent=2))
         (report_dir / "history.json").write_text(json.dumps(self.history.to_dict()))
+        if self.data_profile is not None:
+            (report_dir / Path(Layout.data_profile(run)).name).write_text(
+                json.dumps(self.data_profile.to_dict(), ensure_ascii=False)
+            )
         if self.accelerator.is_main_process:
             storage = self.sources.storage(self.ctx.output_uri)
             storage.upload_dir(model_dir, model_uri)
@@ -978,3 +1285,20 @@ class FineTuneRecipe:
 
 class Interrupted(Exception):
     """Training stopped on SIGTERM after writing a checkpoint; the run is to be resumed."""
+
+
+class _PromotedUnavailable(Exception):
+    """The promoted model cannot be evaluated; the message says why, for the gates' messages."""
+
+
+def _in_run_classes(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A classifier's logits rearranged into this run's class order (``index``: the output for
+    each class, -1 for a class it does not have, which gets probability 0)."""
+    picked = logits[:, index.clamp(min=0)]
+    return picked.masked_fill(index < 0, float("-inf"))
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tuneloop.api.spec import metric_direction
-from tuneloop_trainer.evaluation import GateResult
+from tuneloop_trainer.evaluation import GateResult, PromotedEvaluation
 
 MODEL_CARD_MD: Final = "model-card.md"
 MODEL_CARD_JSON: Final = "model-card.json"
@@ -229,6 +229,12 @@ class ModelCard:
     notes: list[str]
     model_uri: str | None
     save_format: str
+    promoted: dict[str, Any] | None = None
+    """The comparison with the model promoted when the run started (:func:`comparison`);
+    ``None`` when nothing was promoted."""
+    data_drift: dict[str, Any] | None = None
+    """How far the training data moved since the promoted run
+    (:meth:`tuneloop_trainer.data.profile.DataDrift.to_dict`); ``None`` when nothing was promoted."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: camelCase keys at the top level, no NaN."""
@@ -245,6 +251,34 @@ class ModelCard:
         kwargs["gates"] = list(kwargs["gates"] or [])
         kwargs["notes"] = list(kwargs["notes"] or [])
         return cls(**kwargs)
+
+
+def comparison(
+    metrics: Mapping[str, float], gates: Sequence[GateResult], promoted: PromotedEvaluation | None
+) -> dict[str, Any] | None:
+    """The model card's comparison of the candidate with the promoted model: both evaluated by
+    this run on the same splits, per metric, with the gates on each metric."""
+    if promoted is None:
+        return None
+    rows = []
+    for name in dict.fromkeys([*metrics, *promoted.metrics]):
+        mine, theirs = metrics.get(name), promoted.metrics.get(name)
+        difference = mine - theirs if mine is not None and theirs is not None else None
+        rows.append(
+            {
+                "metric": name,
+                "candidate": mine,
+                "promoted": theirs,
+                "difference": difference,
+                "better": "lower" if metric_direction(name) == "min" else "higher",
+                "gates": [
+                    {"passed": g.passed, "minImprovement": g.min_improvement, "message": g.message}
+                    for g in gates
+                    if g.metric == name
+                ],
+            }
+        )
+    return _json_safe({**promoted.to_dict(), "comparison": rows})
 
 
 def _fmt(value: Any) -> str:
@@ -396,6 +430,9 @@ def _render_markdown(card: ModelCard) -> str:
     else:
         out += ["No promotion gates are configured.", ""]
 
+    out += _render_comparison(card)
+    out += _render_drift(card)
+
     out += ["## Forgetting", ""]
     if card.forgetting is None:
         out += ["Not checked (`evaluation.forgetting` is not set).", ""]
@@ -451,6 +488,72 @@ def _render_markdown(card: ModelCard) -> str:
     return "\n".join(out)
 
 
+def _render_comparison(card: ModelCard) -> list[str]:
+    out = ["## Compared with the promoted model", ""]
+    promoted = card.promoted
+    if promoted is None:
+        return [
+            *out,
+            "No model was promoted when this run started: `minImprovement` gates passed without a comparison.",
+            "",
+        ]
+    run, uri = promoted.get("run"), promoted.get("modelUri")
+    if promoted.get("error"):
+        return [
+            *out,
+            f"The promoted model (run {run}, `{uri}`) could not be evaluated: {promoted['error']}. "
+            "`minImprovement` gates failed, since there was nothing to compare with; the numbers stored when it was "
+            "promoted come from another test split and were not used.",
+            "",
+        ]
+    table = promoted.get("comparison") or []
+    ood = any(str(row.get("metric", "")).startswith("ood_") for row in table)
+    out += [
+        f"This model and the promoted one (run {run}, `{uri}`) were evaluated by this run, by the same code, on "
+        f"the same test split{' and out-of-domain set' if ood else ''}: the difference is the models', not the "
+        "data's. Difference = this run minus the promoted model.",
+        "",
+    ]
+    rows = []
+    for row in table:
+        verdicts = [
+            ("PASS" if g.get("passed") else "FAIL")
+            + (f" (minImprovement {_fmt(g['minImprovement'])})" if g.get("minImprovement") is not None else "")
+            for g in row.get("gates") or []
+        ]
+        rows.append(
+            [
+                row.get("metric"),
+                row.get("candidate"),
+                row.get("promoted"),
+                row.get("difference"),
+                row.get("better"),
+                ", ".join(verdicts) or "",
+            ]
+        )
+    out += _table(["Metric", f"Run {card.run} (this)", f"Promoted (run {run})", "Difference", "Better", "Gates"], rows)
+    return out
+
+
+def _render_drift(card: ModelCard) -> list[str]:
+    drift = card.data_drift
+    if drift is None:
+        return []
+    out = ["## Data drift", ""]
+    against = drift.get("againstRun")
+    if drift.get("score") is None:
+        return [*out, f"Not measured against the promoted run {against}: {drift.get('reason') or 'unknown'}.", ""]
+    out += [
+        f"How far this run's training data is from the training data of the promoted run {against}: "
+        f"{drift.get('method')}.",
+        "",
+    ]
+    distances: Mapping[str, Any] = drift.get("distances") or {}
+    out += _table(["Distribution", "Distance"], [*distances.items(), ["**score**", drift.get("score")]])
+    out += [f"- {note}" for note in drift.get("notes") or []]
+    return [*out, ""] if drift.get("notes") else out
+
+
 def write_model_card(card: ModelCard, directory: Path) -> tuple[Path, Path]:
     """Write ``model-card.md`` and ``model-card.json`` into ``directory``; returns both paths."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -477,25 +580,37 @@ def _bounds(gate: GateResult) -> str:
     return ", ".join(parts)
 
 
-def format_summary_table(metrics: Mapping[str, float], gates: Sequence[GateResult]) -> str:
+def format_summary_table(
+    metrics: Mapping[str, float], gates: Sequence[GateResult], promoted: PromotedEvaluation | None = None
+) -> str:
     """A plain-text table of the final metrics and the gates on them, for a terminal or a
-    pod log (ASCII only: log pipelines mangle box-drawing characters). Failed gates are
-    explained under the table."""
-    rows: list[tuple[str, str, str]] = []
+    pod log (ASCII only: log pipelines mangle box-drawing characters). With a ``promoted``
+    model, a column shows its metrics on the same splits. Failed gates are explained under the
+    table."""
+    rows: list[tuple[str, ...]] = []
     gated: dict[str, list[GateResult]] = {}
     for g in gates:
         gated.setdefault(g.metric, []).append(g)
+    compare = promoted is not None and promoted.error is None
     for name in dict.fromkeys([*metrics, *gated]):
         value = _fmt(metrics[name]) if name in metrics else "missing"
+        theirs = () if not compare or promoted is None else (_fmt(promoted.metrics.get(name)),)
         verdicts = [f"{'PASS' if g.passed else 'FAIL'}  {_bounds(g)}" for g in gated.get(name, [])]
-        rows += [(name, value, v) for v in verdicts or [""]]
-    headers = ("metric", "value", "gate")
-    widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) if rows else len(headers[i]) for i in range(3)]
-    lines = [
-        f"{headers[0]:<{widths[0]}}  {headers[1]:>{widths[1]}}  {headers[2]}",
-        f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * widths[2]}",
-    ]
-    lines += [f"{n:<{widths[0]}}  {v:>{widths[1]}}  {gate}".rstrip() for n, v, gate in rows]
+        rows += [(name, value, *theirs, v) for v in verdicts or [""]]
+    headers: tuple[str, ...] = ("metric", "value", "gate")
+    if compare and promoted is not None:
+        headers = ("metric", "value", f"promoted (run {promoted.run})", "gate")
+    columns = len(headers)
+    widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) if rows else len(headers[i]) for i in range(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        numbers = "  ".join(f"{c:>{w}}" for c, w in zip(cells[1:-1], widths[1:-1], strict=True))
+        return f"{cells[0]:<{widths[0]}}  {numbers}  {cells[-1]}".rstrip()
+
+    lines = [line(headers), line(["-" * w for w in widths])]
+    lines += [line(r) for r in rows]
+    if promoted is not None and promoted.error is not None:
+        lines.append(f"\npromoted model (run {promoted.run}) not evaluated: {promoted.error}")
     if gates:
         passed = sum(g.passed for g in gates)
         lines.append(f"\ngates: {passed} of {len(gates)} passed")

@@ -205,6 +205,12 @@ class ValidationReport:
     """Fairness groups: rows per group value in each evaluated split."""
     warnings: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    data_drift: dict[str, Any] | None = None
+    """How far the training data moved since the promoted run (:mod:`tuneloop_trainer.data.profile`):
+    ``score``, per-distribution ``distances``, or the ``reason`` there is none; ``None`` when
+    nothing was promoted."""
+    data_drift_line: str = ""
+    """The same in one sentence, for the log."""
 
     def source(self, name: str, uri: str) -> SourceReport:
         report = SourceReport(name, uri)
@@ -233,6 +239,7 @@ class ValidationReport:
             "groups": {k: dict(v) for k, v in self.groups.items()},
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint,
+            "dataDrift": None if self.data_drift is None else dict(self.data_drift),
         }
 
     def summary_lines(self) -> list[str]:
@@ -276,6 +283,8 @@ class ValidationReport:
             lines.append(f"replay mix: {self.replay.rows_added:,} general-domain rows added to train{extra}")
         for split, counts in self.groups.items():
             lines.append(f"groups ({split}): " + ", ".join(f"{k}: {v:,}" for k, v in counts.items()))
+        if self.data_drift_line:
+            lines.append(self.data_drift_line)
         lines.extend(f"warning: {w}" for w in self.warnings)
         return lines
 
