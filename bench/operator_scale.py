@@ -15,6 +15,13 @@ project's CRD:
   real operator (``python -m tuneloop_operator``, :class:`tests.harness.operator.OperatorProcess`,
   log level INFO, ``TUNELOOP_RECONCILE_INTERVAL=3600`` since pods never run) creates the pods.
 
+Every job watches its dataset for new rows (``retrain.onNewData``, every minute; the 1,000 jobs
+share 10 dataset prefixes) and, when Debian's ``prometheus`` binary is installed, a drift query of
+its own against a real Prometheus server (``retrain.onDrift``, every minute). After the last pod,
+the operator arm keeps running for ``--steady`` seconds (the runs stay active: no kubelet runs
+the pods, and the triggers keep polling) and reports the S3 listings and PromQL queries it
+actually made per minute, from its own counters.
+
 Creating the jobs is timed identically in both arms: the clock starts when the emulator stores
 the first job and stops when it stores the last pod. Timestamps are taken inside the emulator
 (a hook on its event emission, ``time.monotonic()``), not from ``creationTimestamp``, which has
@@ -29,7 +36,7 @@ and the emulator's own time is split into validation, its GC sweep, LIST scans a
 The operator, the renderer and the emulator are those of the checkout this file is in (its
 ``operator/`` and root go first on the path, also for the operator process).
 
-    .venv/bin/python bench/operator_scale.py --jobs 100 1000 [--out results.json]
+    .venv/bin/python bench/operator_scale.py --jobs 100 1000 [--steady 120] [--out results.json]
 
 Diagnostics: ``--skip-gc-sweep`` (the emulator's per-write GC sweep is O(objects stored) and
 never acts here, since nothing is deleted), ``--operator-env KEY=VALUE`` (e.g. a ``PYTHONPATH``
@@ -77,8 +84,26 @@ def pod_name(name: str) -> str:
     return f"{name}-r1-a1-n0"
 
 
-def job_manifest(i: int) -> dict[str, Any]:
-    """A valid FineTuneJob that trains on CPU (``resources.gpus: 0``)."""
+#: Distinct dataset prefixes the jobs watch (jobs share datasets, as teams do).
+DATASETS = 10
+
+
+def job_manifest(i: int, prometheus_url: str | None = None) -> dict[str, Any]:
+    """A valid FineTuneJob that trains on CPU (``resources.gpus: 0``), watching its dataset for new
+    rows every minute and, with ``prometheus_url``, a drift query of its own every minute."""
+    retrain: dict[str, Any] = {
+        "onNewData": {"minNewSamples": 100, "pollInterval": "1m", "settlePeriod": "30s"},
+    }
+    if prometheus_url:
+        retrain["onDrift"] = {
+            "prometheus": {
+                "url": prometheus_url,
+                "query": f'max(tuneloop_bench_drift{{finetunejob="{job_name(i)}"}}) or vector(0)',
+                "threshold": 0.5,
+                "for": "5m",
+                "pollInterval": "1m",
+            }
+        }
     return {
         "apiVersion": "tuneloop.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -86,9 +111,10 @@ def job_manifest(i: int) -> dict[str, Any]:
         "spec": {
             "task": "sequence-classification",
             "model": {"uri": "hf://org/model"},
-            "dataset": {"uri": f"s3://data-bucket/train-{i}/"},
+            "dataset": {"uri": f"s3://data-bucket/train-{i % DATASETS}/"},
             "output": {"uri": f"s3://model-bucket/out-{i}/"},
             "resources": {"gpus": 0},
+            "retrain": retrain,
         },
     }
 
@@ -132,19 +158,24 @@ async def drive(arm: str, kubeconfig: Path, jobs: int, concurrency: int) -> dict
 
     def claim(job: Any, body: dict[str, Any]) -> None:
         """What the operator does in S3 before run 1 of a job: read the output's owner and runs,
-        claim the output and the run number (tuneloop.ownership)."""
+        list the dataset, claim the output and the run number (tuneloop.ownership), record the
+        listing run 1 starts with (its data watermark)."""
         assert storage is not None
         uri = job.spec.output.uri
         meta = body["metadata"]
         me = JobIdentity(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
         read_owner(storage, uri)
         highest_run(storage, uri)
+        listing = storage.list(job.spec.dataset.uri)
         claim_output(storage, uri, me, continue_lineage=False, by="operator")
         claim_run(storage, uri, me, 1, spec_hash=spec_hash(job.spec), by="operator")
+        objects = {o.key: [o.size, o.etag] for o in listing}
+        storage.write_json(uri + "runs/1/data-listing.json", {"format": "bench", "objects": objects})
 
     async def one(i: int) -> None:
         async with limit:
-            body = await kube.request("POST", kube.job_path(NAMESPACE), body=job_manifest(i))
+            manifest = job_manifest(i, os.environ.get("BENCH_PROMETHEUS_URL") or None)
+            body = await kube.request("POST", kube.job_path(NAMESPACE), body=manifest)
             if arm != "baseline":
                 return
             job, problems = parse_job(body or {})
@@ -359,6 +390,10 @@ class MotoProcess:
         while True:
             try:
                 client.create_bucket(Bucket="model-bucket")
+                client.create_bucket(Bucket="data-bucket")
+                for d in range(DATASETS):
+                    rows = "".join(json.dumps({"text": f"row {r}", "label": r % 2}) + "\n" for r in range(200))
+                    client.put_object(Bucket="data-bucket", Key=f"train-{d}/part-000.jsonl", Body=rows.encode())
                 return self
             except Exception:
                 if time.monotonic() > deadline:
@@ -372,7 +407,15 @@ class MotoProcess:
 
 
 def run_arm(
-    arm: str, jobs: int, workdir: Path, *, concurrency: int, timeout: float, operator_env: dict[str, str]
+    arm: str,
+    jobs: int,
+    workdir: Path,
+    *,
+    concurrency: int,
+    timeout: float,
+    operator_env: dict[str, str],
+    steady: float = 0.0,
+    prometheus_url: str | None = None,
 ) -> dict[str, Any]:
     """One measurement on a fresh emulator; an operator arm that times out is reported as incomplete."""
     import yaml
@@ -403,7 +446,8 @@ def run_arm(
             result_path = workdir / f"driver-{arm}-{jobs}.json"
             cmd = [sys.executable, __file__, "--child", arm, "--kubeconfig", str(kubeconfig)]
             cmd += ["--jobs", str(jobs), "--concurrency", str(concurrency), "--result", str(result_path)]
-            driver = subprocess.Popen(cmd, env={**os.environ, **moto.env})
+            driver_env = {**os.environ, **moto.env, "BENCH_PROMETHEUS_URL": prometheus_url or ""}
+            driver = subprocess.Popen(cmd, env=driver_env)
             peak_kb = 0
             deadline = time.monotonic() + timeout
             complete = True
@@ -425,6 +469,20 @@ def run_arm(
                 # The follow-up work (pod events → reconcile) counts in the requests per job; it can
                 # wait for a Kopf worker, and idle workers hold their place for 5 s (idle_timeout).
                 settle(quiet=6.0 if pid else 1.0)
+            steady_state: dict[str, float] = {}
+            if operator is not None and steady > 0 and complete:
+                # The jobs keep polling (their runs stay active: no kubelet runs the pods): what
+                # that costs per minute, in real requests.
+                names = ("tuneloop_operator_dataset_listings_total", "tuneloop_operator_drift_queries_total")
+                before = {n: operator.metric(n) for n in names}
+                until = time.monotonic() + steady
+                while time.monotonic() < until:
+                    peak_kb = max(peak_kb, rss_kb(pid, "VmRSS")) if pid else peak_kb
+                    time.sleep(0.5)
+                minutes = steady / 60
+                steady_state = {n: (operator.metric(n) - before[n]) / minutes for n in names}
+                steady_state["jobs"] = jobs
+                steady_state["distinct_dataset_prefixes"] = DATASETS
             if pid:
                 peak_kb = max(peak_kb, rss_kb(pid, "VmRSS"), rss_kb(pid, "VmHWM"))
             cpu_operator_total = (cpu_seconds(pid) - cpu_operator) if pid else 0.0
@@ -468,6 +526,7 @@ def run_arm(
         "pods_after": {f"{q}%": percentile(progress, q) - start for q in (10, 25, 50, 75, 90, 100)},
         "last_job_created_after": max(added["finetunejobs", n] for n in names) - start,
         "driver": driver_result,
+        "steady_state_per_minute": steady_state,
         "operator_peak_mb": peak_kb / 1024,
         "operator_cpu_seconds_to_last_pod": cpu_operator_to_pods,
         "operator_cpu_seconds_total": cpu_operator_total,
@@ -567,6 +626,12 @@ def main() -> None:
         help="skip the emulator's O(objects) GC sweep after each write (nothing is deleted here, so it never acts)",
     )
     parser.add_argument("--arms", nargs="+", choices=("baseline", "operator"), default=["baseline", "operator"])
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=120.0,
+        help="seconds to keep the operator arm polling after the last pod, to measure requests per minute",
+    )
     parser.add_argument("--child", choices=("baseline", "operator"), help=argparse.SUPPRESS)
     parser.add_argument("--kubeconfig", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -578,21 +643,40 @@ def main() -> None:
 
     install_hooks(skip_gc_sweep=args.skip_gc_sweep)
     results: list[list[dict[str, Any]]] = []
+    from tests.harness.prometheus import prometheus_binary, start_prometheus
+
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         env = dict(item.split("=", 1) for item in args.operator_env)
+        binary = prometheus_binary()
+        prometheus = start_prometheus(binary, workdir / "prometheus") if binary else None
+        if prometheus is None:
+            print("prometheus is not installed: the jobs watch their data but have no drift query", file=sys.stderr)
+        url = prometheus.url if prometheus is not None else None
         for jobs in args.jobs:
             pair = []
             for arm in args.arms:
                 pair.append(
-                    run_arm(arm, jobs, workdir, concurrency=args.concurrency, timeout=args.timeout, operator_env=env)
+                    run_arm(
+                        arm,
+                        jobs,
+                        workdir,
+                        concurrency=args.concurrency,
+                        timeout=args.timeout,
+                        operator_env=env,
+                        steady=args.steady if arm == "operator" else 0.0,
+                        prometheus_url=url,
+                    )
                 )
                 r = pair[-1]
                 print(f"{jobs} jobs, {arm}: {r['seconds']:.2f}s ({r['pods']} pods)", file=sys.stderr, flush=True)
             if len(pair) == 2 and pair[0].pop("pod_spec") != pair[1].pop("pod_spec"):
                 raise RuntimeError("the baseline's pods differ from the operator's")
             results.append(pair)
+        if prometheus is not None:
+            prometheus.server.stop()
+            prometheus.exporter.stop()
     if args.out:
         args.out.write_text(json.dumps([r for pair in results for r in pair], indent=2))
     if all(len(pair) == 2 for pair in results):
@@ -600,6 +684,15 @@ def main() -> None:
     for pair in results:
         for r in pair:
             breakdown(r)
+    for pair in results:
+        for r in pair:
+            steady = r.get("steady_state_per_minute")
+            if steady:
+                print(
+                    f"\n{r['jobs']} jobs polling (new data every 1m on {steady['distinct_dataset_prefixes']:.0f} "
+                    f"distinct prefixes, drift every 1m): {steady['tuneloop_operator_dataset_listings_total']:.1f} "
+                    f"S3 listings/min, {steady['tuneloop_operator_drift_queries_total']:.1f} Prometheus queries/min"
+                )
 
 
 if __name__ == "__main__":

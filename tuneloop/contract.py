@@ -10,7 +10,7 @@ import enum
 import hashlib
 import json
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -68,7 +68,11 @@ LIFECYCLE_FIELDS: Final = frozenset(
     {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "retrain"}
 )
 #: Nested spec fields (wire names) that do not change what a run trains either.
-_NOT_TRAINED: Final = (("output", "continueLineage"),)
+_NOT_TRAINED: Final = (
+    ("output", "continueLineage"),
+    ("promotion", "pin"),
+    ("promotion", "requireApproval"),
+)
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
@@ -136,6 +140,21 @@ class Layout:
     def report(cls, run: int) -> str:
         return f"{cls.run(run)}/report"
 
+    @classmethod
+    def data_profile(cls, run: int) -> str:
+        """The run's training-data profile (label, length and token distributions), written by
+        the trainer; the next run measures its data drift against the promoted run's."""
+        return f"{cls.report(run)}/data-profile.json"
+
+    @classmethod
+    def data_listing(cls, run: int) -> str:
+        """The listing of ``dataset.uri`` the run started with (keys, sizes, ETags), written by the
+        operator: new-data triggers count only what changed since (the data watermark)."""
+        return f"{cls.run(run)}/data-listing.json"
+
+    INDEX: Final = "runs/index.json"
+    """The lineage, append-only: one record per finished run (status keeps only the latest)."""
+
 
 class Heartbeat(ApiModel):
     """What the trainer writes to ``runs/<n>/status.json`` (:meth:`Layout.status`) while it runs.
@@ -200,3 +219,42 @@ def _significant(value: float | None, digits: int) -> float | None:
     """``value`` rounded to ``digits`` significant digits (``kubectl get`` shows what is stored:
     a loss of 0.6931471805599453 is 0.6931 there)."""
     return None if value is None else float(f"{value:.{digits}g}")
+
+
+PROMOTED_FORMAT: Final = "tuneloop-promoted/1"
+
+
+class PromotedPointer(ApiModel):
+    """``promoted.json`` under ``spec.output.uri`` (:attr:`Layout.PROMOTED`): the model serving
+    stacks should load, written by the operator (atomically, one object) when it promotes a run.
+
+    The format is versioned (``format``); fields are only ever added. The trainer of the next run
+    reads it to evaluate the promoted model beside its candidate on the same test split.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal["tuneloop-promoted/1"] = PROMOTED_FORMAT
+    """Format and version of this object."""
+    run: Annotated[int, Field(ge=1)]
+    """The promoted run."""
+    model_uri: Annotated[str, Field(max_length=2048)]
+    """Its model (a directory: ``save_pretrained`` output, an adapter or full weights)."""
+    base_model_uri: Annotated[str, Field(max_length=2048)] | None = None
+    """The base model an adapter applies to (``spec.model.uri`` of the run)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Its test metrics when it was promoted."""
+    previous_metrics: dict[str, float] = Field(default_factory=dict)
+    """The model it replaced, evaluated on the same test split by the same run."""
+    previous_run: Annotated[int, Field(ge=1)] | None = None
+    """The run it replaced."""
+    data_fingerprint: Annotated[str, Field(max_length=128)] | None = None
+    """Hash of the data it trained on."""
+    trigger: Annotated[str, Field(max_length=64)] | None = None
+    """What started its run."""
+    promoted_by: Annotated[str, Field(max_length=256)] = ""
+    """``gates``, ``annotation tuneloop.dev/approve=<run>``, ``spec.promotion.pin=<run>``."""
+    time: datetime
+    """When it was promoted (UTC)."""
+    job: dict[str, str | None] = Field(default_factory=dict)
+    """The job that promoted it: namespace, name, uid."""

@@ -386,7 +386,18 @@ PRINTER_COLUMNS: Final = [
         "jsonPath": ".status.currentRun.progress.loss",
         "description": "Latest training loss.",
     },
-    {"name": "Metric", "type": "string", "jsonPath": ".status.metric", "description": "Headline metric."},
+    {
+        "name": "Promoted",
+        "type": "integer",
+        "jsonPath": ".status.promoted.run",
+        "description": "The run whose model is promoted (Ready means there is one).",
+    },
+    {
+        "name": "Metric",
+        "type": "string",
+        "jsonPath": ".status.metric",
+        "description": "Headline metric of the latest run.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

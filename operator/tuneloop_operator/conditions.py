@@ -7,8 +7,9 @@ The phase is derived from the conditions (``tuneloop.api.derive_phase``), never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from tuneloop.api import Condition, ConditionType, derive_phase
 from tuneloop.api.status import ConditionStatus, FineTuneJobStatus, Phase
@@ -74,15 +75,35 @@ def with_phase(status: FineTuneJobStatus) -> FineTuneJobStatus:
     return status.model_copy(update={"phase": phase})
 
 
-def status_patch(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> dict[str, object] | None:
-    """The merge patch for ``.status``, or None when nothing changed (patch only on change)."""
+def status_patch(old: FineTuneJobStatus | Mapping[str, Any] | None, new: FineTuneJobStatus) -> dict[str, object] | None:
+    """The merge patch for ``.status``, or None when nothing changed (patch only on change).
+
+    ``old`` is best the status as stored (the raw mapping): what the new one does not have,
+    unreadable leftovers included, is then removed."""
     new_wire = new.to_wire()
-    old_wire = old.to_wire() if old is not None else {}
+    if isinstance(old, FineTuneJobStatus):
+        old_wire: dict[str, Any] = old.to_wire()
+    else:
+        old_wire = dict(old) if isinstance(old, Mapping) else {}
     if new_wire == old_wire:
         return None
-    # Top-level keys that changed; nested objects are replaced whole, which merge patch allows.
-    patch: dict[str, object] = {k: v for k, v in new_wire.items() if old_wire.get(k) != v}
-    for key in old_wire:
-        if key not in new_wire:
+    return merge_diff(old_wire, new_wire)
+
+
+def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: changed keys, nested
+    objects diffed recursively (a merge patch *merges* a nested object: a key left out would be
+    kept on the server), removed keys as ``null``, lists replaced whole."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(before, dict) and isinstance(value, dict):
+            patch[key] = merge_diff(before, value)
+        else:
+            patch[key] = value
+    for key in old:
+        if key not in new:
             patch[key] = None  # RFC 7386: null deletes
     return patch

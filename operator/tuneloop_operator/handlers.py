@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.heartbeat import HeartbeatError, HeartbeatReader
 from tuneloop_operator.kube import ApiError, EventSpec, KubeClient
 from tuneloop_operator.metrics import OperatorMetrics
+from tuneloop_operator.observe import Observer
 from tuneloop_operator.outputs import JobStorage, OutputAccess, StorageAccessError
 from tuneloop_operator.planner import (
     Observed,
@@ -51,8 +51,10 @@ from tuneloop_operator.planner import (
     plan,
     plan_deletion,
 )
+from tuneloop_operator.promotion import ANNOTATION_APPROVE, ANNOTATION_REJECT
 from tuneloop_operator.render import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from tuneloop_operator.settings import OperatorSettings
+from tuneloop_operator.triggers import ANNOTATION_RETRAIN
 
 log = logging.getLogger("tuneloop_operator")
 
@@ -75,6 +77,7 @@ class Runtime:
     metrics: OperatorMetrics
     heartbeats: HeartbeatReader
     outputs: OutputAccess
+    observer: Observer
     planner: PlannerSettings
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     queued: set[Key] = field(default_factory=set)
@@ -87,12 +90,15 @@ class Runtime:
     @classmethod
     def create(cls, settings: OperatorSettings, kube: KubeClient) -> Runtime:
         storages = JobStorage(kube)
+        metrics = OperatorMetrics()
+        outputs = OutputAccess(storages)
         return cls(
             settings=settings,
             kube=kube,
-            metrics=OperatorMetrics(),
+            metrics=metrics,
             heartbeats=HeartbeatReader(kube, storages),
-            outputs=OutputAccess(storages),
+            outputs=outputs,
+            observer=Observer(outputs, metrics),
             planner=PlannerSettings(
                 trainer_image=settings.trainer_image,
                 backoff_base_seconds=settings.backoff_base_seconds,
@@ -113,6 +119,7 @@ class Runtime:
         self.beats.pop(key, None)
         self.beat_errors.pop(key, None)
         self.active.discard(key)
+        self.observer.forget(key)
         self.locks.pop(key, None)
         self.metrics.jobs.forget(*key)
 
@@ -190,12 +197,14 @@ class Runtime:
             heartbeat=self.beats.get(key),
         )
         the_plan = plan(observed, self.planner)
-        if the_plan.needs_output:
-            # A run would start: read who owns the output prefix and which runs it holds first.
+        # The planner asks before it decides what depends on storage or monitoring: who owns the
+        # output (a run would start), the dataset listing, new rows, the drift query, a pinned run.
+        for _ in range(4):
             job, _ = parse_job(body)
-            if job is not None:
-                output = await self.outputs.observe(job)
-                the_plan = plan(dataclasses.replace(observed, output=output), self.planner)
+            if not the_plan.needs or job is None:
+                break
+            observed = await self.observer.observe(key, job, observed, the_plan.needs)
+            the_plan = plan(observed, self.planner)
         await self._execute(key, body, old, the_plan)
 
     async def _read_heartbeat(self, key: Key, body: Mapping[str, Any], status: FineTuneJobStatus) -> None:
@@ -223,6 +232,7 @@ class Runtime:
         namespace, name = key
         if the_plan.claim is not None:
             await self._claim(body, the_plan)
+        await self._write_lineage(key, body, the_plan)
         for ref in the_plan.delete:
             await self.kube.delete(namespace, ref.kind, ref.name)
         for obj in the_plan.create:
@@ -235,7 +245,8 @@ class Runtime:
                 message = f"the API server refused {obj['kind']} {obj['metadata']['name']}: {exc.message}"
                 await self._post(body, EventSpec("Warning", "PodCreateFailed", message))
                 raise RetryLater(message, delay=30) from None
-        patch = status_patch(old, the_plan.status)
+        stored = body.get("status")
+        patch = status_patch(stored if isinstance(stored, Mapping) else old, the_plan.status)
         if patch is not None:
             await self.kube.patch_job_status(namespace, name, patch)
         for event in the_plan.events:
@@ -258,6 +269,26 @@ class Runtime:
             raise RetryLater(f"claiming run {claim.run}: {exc}", delay=1) from None
         except (StorageError, StorageAccessError) as exc:
             message = f"cannot claim run {claim.run} under spec.output.uri {job.spec.output.uri}: {exc}; retrying"
+            await self._post(body, EventSpec("Warning", Reason.OUTPUT_UNAVAILABLE, message[:1024]))
+            raise RetryLater(message, delay=30) from None
+
+    async def _write_lineage(self, key: Key, body: Mapping[str, Any], the_plan: Plan) -> None:
+        """What the plan records in storage before the status says so: the dataset listing a run
+        starts with, ``promoted.json``, the lineage index. A failure aborts the plan (retried)."""
+        if the_plan.record_listing is None and the_plan.pointer is None and not the_plan.index:
+            return
+        job, _ = parse_job(body)
+        if job is None:
+            return
+        try:
+            listing = self.observer.listing(key)
+            if the_plan.record_listing is not None and listing is not None:
+                await self.outputs.write_listing(job, the_plan.record_listing, listing)
+            if the_plan.pointer is not None:
+                await self.outputs.write_pointer(job, the_plan.pointer)
+            await self.outputs.append_index(job, the_plan.index)
+        except (StorageError, StorageAccessError) as exc:
+            message = f"cannot write the lineage under spec.output.uri {job.spec.output.uri}: {exc}; retrying"
             await self._post(body, EventSpec("Warning", Reason.OUTPUT_UNAVAILABLE, message[:1024]))
             raise RetryLater(message, delay=30) from None
 
@@ -284,6 +315,10 @@ class Runtime:
                 self.metrics.runs_succeeded.inc()
             else:
                 self.metrics.runs_failed.labels(reason=reason).inc()
+        for trigger, outcome in the_plan.trigger_counts:
+            self.metrics.triggers.labels(trigger=trigger, outcome=outcome).inc()
+        for decision in the_plan.promotions:
+            self.metrics.promotions.labels(decision=decision).inc()
         if the_plan.retried:
             self.metrics.retries.inc()
         if the_plan.preempted:
@@ -388,9 +423,17 @@ async def on_change(*, namespace: str | None, name: str, memo: Any, reason: str,
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="track")
 async def on_job_event(
-    *, namespace: str | None, name: str, status: kopf.Status, memo: Any, type: str, **_: Any
+    *,
+    namespace: str | None,
+    name: str,
+    status: kopf.Status,
+    annotations: Mapping[str, str],
+    memo: Any,
+    type: str,
+    **_: Any,
 ) -> None:
-    """Keep the jobs-by-phase gauge and the set of active runs current (no API calls)."""
+    """Keep the jobs-by-phase gauge and the set of active runs current (no API calls), and act on
+    a new request annotation (Kopf's update handler ignores annotation changes)."""
     runtime = runtime_of(memo)
     key = (namespace or "default", name)
     if type == "DELETED":
@@ -402,6 +445,25 @@ async def on_job_event(
     current = seen.get("currentRun")
     if isinstance(current, Mapping) and not current.get("result"):
         runtime.active.add(key)
+    if type == "MODIFIED" and unhandled_request(annotations, seen.get("annotations")):
+        runtime.trigger(key, "annotation")
+
+
+#: Request annotations and their keys in ``status.annotations`` (the value handled last).
+REQUEST_ANNOTATIONS: Final = {
+    ANNOTATION_RETRAIN: "retrain",
+    ANNOTATION_APPROVE: "approve",
+    ANNOTATION_REJECT: "reject",
+}
+
+
+def unhandled_request(annotations: Mapping[str, str], handled: Any) -> bool:
+    """Whether a request annotation has a value the operator has not acted on yet."""
+    done = handled if isinstance(handled, Mapping) else {}
+    return any(
+        isinstance(annotations.get(name), str) and annotations.get(name) != done.get(key)
+        for name, key in REQUEST_ANNOTATIONS.items()
+    )
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, id="pods")

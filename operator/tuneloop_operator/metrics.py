@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from threading import Lock
-from typing import Final, get_args
+from typing import Any, Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tuneloop.api.status import Phase
@@ -40,6 +40,22 @@ class _JobsByPhase(Collector):
         for phase, count in counts.items():
             family.add_metric([phase], count)
         yield family
+
+
+class _DataWatchCounters(Collector):
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, attr, doc in (
+            ("dataset_listings", "listings", "Listings of dataset prefixes made (shared by jobs on one prefix)."),
+            ("dataset_listings_shared", "shared", "Listing requests served by a shared listing."),
+            ("dataset_objects_read", "objects_read", "Objects read to count new rows (Parquet: footers)."),
+            ("dataset_bytes_read", "bytes_read", "Bytes read to count new rows."),
+        ):
+            family = CounterMetricFamily(f"tuneloop_operator_{name}", doc)
+            family.add_metric([], float(getattr(self.stats, attr, 0)))
+            yield family
 
 
 class OperatorMetrics:
@@ -76,6 +92,29 @@ class OperatorMetrics:
         self.heartbeat_read_errors = Counter(
             "tuneloop_operator_heartbeat_read_errors", "Failed reads of a trainer heartbeat from S3.", registry=r
         )
+        self.triggers = Counter(
+            "tuneloop_operator_triggers",
+            "Retraining triggers, by trigger and outcome: fired (a run started), queued (waits for the active "
+            "run or the cooldown), coalesced (joined one already waiting), skipped (looked, no reason to run), "
+            "error (could not look).",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.promotions = Counter(
+            "tuneloop_operator_promotions",
+            "Promotion decisions: Promoted, NotPromoted, AwaitingApproval, Rejected.",
+            ["decision"],
+            registry=r,
+        )
+        self.drift_queries = Counter(
+            "tuneloop_operator_drift_queries", "PromQL queries made by drift triggers.", registry=r
+        )
+
+    def watch_data(self, stats: Any) -> None:
+        """Export a DataWatch's counters (``tuneloop_operator_dataset_*``) from its own stats:
+        listings actually made (jobs on one prefix share them), listings shared, objects and
+        bytes read to count rows."""
+        self.registry.register(_DataWatchCounters(stats))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from other pods
         start_http_server(port, addr=addr, registry=self.registry)

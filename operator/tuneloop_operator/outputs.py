@@ -17,13 +17,17 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from tuneloop.api import FineTuneJob
+from tuneloop.contract import Layout, PromotedPointer
 from tuneloop.ownership import claim_output, claim_run, highest_run, read_owner
-from tuneloop.storage import Storage, StorageError
+from tuneloop.storage import NotFoundError, PreconditionFailedError, Storage, StorageError, safe_join
+from tuneloop_operator.datawatch import Listing
 from tuneloop_operator.kube import KubeClient
 from tuneloop_operator.planner import OutputClaim, OutputView
+from tuneloop_operator.promotion import Candidate
 from tuneloop_operator.render import STORAGE_SECRET_KEYS
 
 log = logging.getLogger(__name__)
@@ -42,22 +46,26 @@ class JobStorage:
         self.kube = kube
         self._clients: OrderedDict[str, Storage] = OrderedDict()
 
-    async def for_job(self, job: FineTuneJob) -> Storage:
+    async def for_job(self, job: FineTuneJob, uri: str | None = None) -> Storage:
+        """The client for ``uri`` (default: the job's output) with the job's storage settings and
+        credentials (the same Secret serves the dataset and the output)."""
         spec = job.spec
+        uri = uri or spec.output.uri
         env: dict[str, str] | None = None
         ref = spec.storage.secret_ref
-        if ref is not None and spec.output.uri.startswith("s3://"):
+        if ref is not None and uri.startswith("s3://"):
             namespace = job.metadata.namespace or "default"
             data = await self.kube.get_secret_data(namespace, ref.name)
             if data is None:
                 raise StorageAccessError(f"secret {namespace}/{ref.name} (spec.storage.secretRef) not found")
             env = {key: data[key] for key, _ in STORAGE_SECRET_KEYS if key in data}
+        scheme = uri.split("://", 1)[0]
         digest = hashlib.sha256(
-            json.dumps([spec.storage.to_wire(), sorted((env or {}).items())], sort_keys=True).encode()
+            json.dumps([scheme, spec.storage.to_wire(), sorted((env or {}).items())], sort_keys=True).encode()
         ).hexdigest()
         storage = self._clients.get(digest)
         if storage is None:
-            storage = await asyncio.to_thread(Storage.for_uri, spec.output.uri, spec.storage, env=env)
+            storage = await asyncio.to_thread(Storage.for_uri, uri, spec.storage, env=env)
             self._clients[digest] = storage
             while len(self._clients) > MAX_CLIENTS:
                 self._clients.popitem(last=False)
@@ -98,3 +106,98 @@ class OutputAccess:
             claim_run, storage, uri, claim.identity, claim.run, spec_hash=claim.spec_hash, by="operator"
         )
         log.info("claimed run %d under %s for %s", claim.run, uri, claim.identity.describe())
+
+    # -- the loop: the data watermark, the promoted pointer, the lineage index --
+
+    async def write_listing(self, job: FineTuneJob, run: int, listing: Listing) -> None:
+        """The dataset listing a run starts with (its data watermark), ``runs/<n>/data-listing.json``."""
+        storage = await self.storages.for_job(job)
+        uri = safe_join(job.spec.output.uri, Layout.data_listing(run))
+        await asyncio.to_thread(storage.write_json, uri, listing.to_json())
+
+    async def read_listing(self, job: FineTuneJob, run: int) -> Listing | None:
+        """A run's recorded dataset listing (``None``: it recorded none). ``ValueError`` when the
+        object is not a listing."""
+        storage = await self.storages.for_job(job)
+        uri = safe_join(job.spec.output.uri, Layout.data_listing(run))
+        try:
+            raw = await asyncio.to_thread(storage.read_json, uri)
+        except NotFoundError:
+            return None
+        return Listing.from_json(raw)
+
+    async def write_pointer(self, job: FineTuneJob, pointer: PromotedPointer) -> None:
+        """``promoted.json``: one object, replaced atomically (serving stacks read it)."""
+        storage = await self.storages.for_job(job)
+        uri = safe_join(job.spec.output.uri, Layout.PROMOTED)
+        body = pointer.model_dump(mode="json", by_alias=True, exclude_none=True)
+        await asyncio.to_thread(storage.write_json, uri, body)
+        log.info("promoted run %d of %s: %s", pointer.run, uri, pointer.model_uri)
+
+    async def append_index(self, job: FineTuneJob, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append to the lineage index ``runs/index.json`` (conditional writes: concurrent appends
+        never lose a record; a record already there is not added twice)."""
+        if not records:
+            return
+        storage = await self.storages.for_job(job)
+        uri = safe_join(job.spec.output.uri, Layout.INDEX)
+        await asyncio.to_thread(_append_index, storage, uri, [dict(r) for r in records])
+
+    async def pin_target(self, job: FineTuneJob, run: int) -> Candidate | None:
+        """The run ``spec.promotion.pin`` names, from its model card, if its model still exists."""
+        storage = await self.storages.for_job(job)
+        output = job.spec.output.uri
+        model_uri = safe_join(output, Layout.model(run)) + "/"
+        try:
+            if not await asyncio.to_thread(storage.exists, model_uri):
+                return None
+            card = await asyncio.to_thread(storage.read_json, safe_join(output, Layout.model_card_json(run)))
+        except NotFoundError:
+            card = {}
+        metrics = card.get("metrics") if isinstance(card, dict) else None
+        return Candidate(
+            run=run,
+            trigger="Manual",
+            result="Succeeded",
+            reason="Pinned",
+            message="",
+            model_uri=model_uri,
+            metrics={
+                str(k): float(v)
+                for k, v in (metrics or {}).items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            },
+            data_fingerprint=card.get("dataFingerprint") if isinstance(card, dict) else None,
+        )
+
+
+#: Index records kept (the oldest are dropped beyond it; each run's directory keeps its own card).
+MAX_INDEX_RECORDS: Final = 10_000
+
+
+def _append_index(storage: Storage, uri: str, records: list[dict[str, Any]]) -> None:
+    for _ in range(20):
+        try:
+            current = storage.read_versioned(uri)
+        except NotFoundError:
+            current = None
+        existing: list[dict[str, Any]] = []
+        if current is not None:
+            try:
+                loaded = json.loads(current.data)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise StorageError(f"{uri} is not valid JSON; restore it from a backup or remove it", uri=uri) from None
+            existing = list(loaded.get("records", [])) if isinstance(loaded, dict) else []
+        new = [r for r in records if r not in existing]
+        if not new:
+            return
+        body = json.dumps({"format": "tuneloop-index/1", "records": (existing + new)[-MAX_INDEX_RECORDS:]}, indent=1)
+        try:
+            if current is None:
+                storage.create_bytes(uri, body.encode() + b"\n", content_type="application/json")
+            else:
+                storage.replace_bytes(uri, body.encode() + b"\n", etag=current.etag, content_type="application/json")
+            return
+        except PreconditionFailedError:
+            continue  # appended by someone else meanwhile: read again
+    raise StorageError(f"could not append to {uri}: it keeps changing; retry", uri=uri)

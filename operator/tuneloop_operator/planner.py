@@ -38,6 +38,7 @@ from tuneloop.api import ConditionType, FineTuneJob, Reason
 from tuneloop.api.spec import METRIC_OUTPUTS, FineTuneJobSpec
 from tuneloop.api.status import (
     MAX_ATTEMPT_HISTORY,
+    MAX_PENDING_TRIGGERS,
     MAX_RUN_HISTORY,
     Attempt,
     AttemptCause,
@@ -45,15 +46,20 @@ from tuneloop.api.status import (
     ConditionStatus,
     CurrentRun,
     FineTuneJobStatus,
+    HandledAnnotations,
+    PendingTrigger,
+    PromotionDecision,
     RunRecord,
     RunResult,
     RunTrigger,
     find_condition,
 )
-from tuneloop.contract import LIFECYCLE_FIELDS, ExitCode, Heartbeat, is_retryable
+from tuneloop.contract import LIFECYCLE_FIELDS, ExitCode, Heartbeat, PromotedPointer, is_retryable
 from tuneloop.contract import spec_hash as contract_spec_hash
 from tuneloop.ownership import JobIdentity, OwnerRecord, ownership_problem
 from tuneloop.validate import Problem, validate_manifest
+from tuneloop_operator import promotion as promo
+from tuneloop_operator import triggers
 from tuneloop_operator.conditions import set_condition, with_phase
 from tuneloop_operator.render import (
     CONFIG_KEY,
@@ -191,9 +197,20 @@ class Plan:
     status: FineTuneJobStatus
     claim: OutputClaim | None = None
     """Claim the output prefix and this run number before creating anything."""
-    needs_output: bool = False
-    """A run would start, but the output prefix was not read: read it (:class:`OutputView`) and
-    plan again."""
+    needs: set[str] = field(default_factory=set)
+    """Observe these and plan again before carrying anything out: ``output`` (a run would
+    start: :class:`OutputView`), ``data``/``rows``/``drift``/``watermark`` (the retraining
+    triggers: :class:`tuneloop_operator.triggers.Observations`), ``pin`` (the pinned run's model)."""
+    pointer: PromotedPointer | None = None
+    """Write ``promoted.json`` (before the status says the run is promoted)."""
+    index: list[dict[str, Any]] = field(default_factory=list)
+    """Records to append to the lineage index (``runs/index.json``)."""
+    record_listing: int | None = None
+    """Write the dataset listing observed in this pass as this run's (its data watermark)."""
+    trigger_counts: list[tuple[str, str]] = field(default_factory=list)
+    """``(trigger, outcome)`` for the triggers metric."""
+    promotions: list[str] = field(default_factory=list)
+    """Promotion decisions made (for metrics)."""
     create: list[Manifest] = field(default_factory=list)
     delete: list[ObjectRef] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -322,7 +339,13 @@ class Observed:
     heartbeat: Heartbeat | None = None
     """The current run's heartbeat, when it was read."""
     output: OutputView | None = None
-    """The output prefix's owner and runs, read when the plan asked for it (``needs_output``)."""
+    """The output prefix's owner and runs, read when the plan asked for it (``needs``)."""
+    triggers: triggers.Observations = field(default_factory=triggers.Observations)
+    """What the retraining triggers asked to observe (``needs``)."""
+    pin_target: promo.Candidate | None = None
+    """The run ``spec.promotion.pin`` names, as found in storage (``None``: no model)."""
+    pin_read: bool = False
+    """The pinned run was looked for."""
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -423,6 +446,18 @@ def _float_metrics(raw: Any) -> dict[str, float]:
         for k, v in raw.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
+
+
+def _failed_gates(summary: Mapping[str, Any]) -> list[str]:
+    """The gates the trainer's summary says did not pass, in words (``f1=0.871``)."""
+    out: list[str] = []
+    for gate in summary.get("gates") or []:
+        if isinstance(gate, Mapping) and gate.get("passed") is False:
+            value = gate.get("value")
+            shown = f"{value:.4g}" if isinstance(value, int | float) else "n/a"
+            detail = gate.get("detail") or gate.get("message")
+            out.append(f"{gate.get('metric')}={shown}" + (f" ({detail})" if isinstance(detail, str) and detail else ""))
+    return out
 
 
 def _child_run(obj: Mapping[str, Any]) -> int | None:
@@ -527,6 +562,7 @@ class _Planner:
             self.invalid_spec(problems)
         else:
             self.reconcile(job)
+        self.ready()
         self.status.observed_generation = self.generation
         self.plan.status = with_phase(self.status)
         return self.plan
@@ -538,7 +574,6 @@ class _Planner:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         message = f"FineTuneJob {self.name} is invalid: {listed}{more}"
         self.cond(ConditionType.FAILED, "True", Reason.INVALID_SPEC, message)
-        self.cond(ConditionType.READY, "False", Reason.INVALID_SPEC, "the spec is invalid; fix it to train")
         active = self.status.current_run is not None and self.status.current_run.result is None
         if not active:
             self.cond(ConditionType.RUNNING, "False", Reason.INVALID_SPEC, "no pod is created for an invalid spec")
@@ -556,22 +591,246 @@ class _Planner:
                 self.cond(ConditionType.FAILED, "False", Reason.NO_RUN, "the spec is valid")
         self.track_spec_change(job)
         self.adopt_orphans(job)
+        self.decisions(job)
         current = self.status.current_run
         if current is None or current.result is not None:
             if job.spec.suspend:
                 self.suspended_idle()
                 return
-            if self.status.current_run is None or self.wants_new_run(job, self.status.current_run):
-                number = self.claimable_run(job)
-                if number is not None:
-                    self.start_run(job, number)
+            wanted: PendingTrigger | None = None
+            if current is None:
+                wanted = PendingTrigger(trigger="Created", detail="the job was created", time=self.now)
+            elif self.wants_new_run(job, current):
+                wanted = PendingTrigger(
+                    trigger="SpecChange", detail=f"spec generation {self.generation}", time=self.now
+                )
+            fired = self.retrain_triggers(job, active=False)
+            if wanted is None and fired is not None:
+                wanted = fired
+            elif wanted is not None and fired is not None:
+                wanted = wanted.model_copy(update={"detail": f"{wanted.detail}; also {fired.trigger}: {fired.detail}"})
+            if wanted is not None:
+                self.start_triggered(job, wanted, fired)
                 return
             suspended = find_condition(self.status.conditions, ConditionType.SUSPENDED)
             if suspended is not None and suspended.status == "True":
                 self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
             self.cleanup_finished(job)
             return
+        if job.spec.retrain.concurrency_policy == "Replace" and self.wants_new_run(job, current):
+            self.supersede(job, current)
+            return
+        self.retrain_triggers(job, active=True)
         self.active_run(self.pinned(job, current), current)
+
+    # -- the loop: triggers, promotion, approval --
+
+    def retrain_triggers(self, job: FineTuneJob, *, active: bool) -> PendingTrigger | None:
+        """Evaluate the retraining triggers; the run they start now (only when idle)."""
+        retrain = job.spec.retrain
+        annotations = (self.obs.body.get("metadata") or {}).get("annotations") or {}
+        handled = self.status.annotations or HandledAnnotations()
+        value = annotations.get(triggers.ANNOTATION_RETRAIN)
+        decided = triggers.evaluate(
+            retrain,
+            self.status.triggers,
+            now=self.now,
+            key=f"{self.identity().namespace}/{self.name}",
+            active=active,
+            observed=self.obs.triggers,
+            retrain_annotation=value if isinstance(value, str) else None,
+            handled_annotation=handled.retrain,
+            has_runs=self.status.current_run is not None,
+        )
+        self.plan.needs |= decided.needs
+        if decided.needs:
+            return None  # decide nothing before the handler has observed what is asked
+        configured = decided.state.new_data or decided.state.drift or decided.state.schedule or decided.state.pending
+        self.status.triggers = decided.state if configured or decided.state.last_automatic_start else None
+        if decided.manual is not None:
+            self.status.annotations = handled.model_copy(update={"retrain": decided.manual})
+        for type_, reason, message in decided.events:
+            self.event(type_, reason, message)
+        self.plan.trigger_counts += decided.counts
+        if decided.wake_at is not None:
+            self.plan.requeue((decided.wake_at - self.now).total_seconds())
+        if decided.health is None:
+            self.status.conditions = [c for c in self.status.conditions if c.type != ConditionType.TRIGGERS_HEALTHY]
+        else:
+            healthy, message = decided.health
+            if healthy:
+                self.cond(ConditionType.TRIGGERS_HEALTHY, "True", Reason.TRIGGERS_OK, message)
+            else:
+                self.cond(ConditionType.TRIGGERS_HEALTHY, "False", Reason.TRIGGER_ERROR, _short(message, 1024))
+                if self.cond_changed(ConditionType.TRIGGERS_HEALTHY):
+                    self.event("Warning", Reason.TRIGGER_ERROR, message)
+        return decided.start
+
+    def start_triggered(self, job: FineTuneJob, wanted: PendingTrigger, fired: PendingTrigger | None) -> None:
+        """Start a run for ``wanted``: after the pods of earlier runs are gone, with the output
+        claimed and, when new data is watched, the listing it starts with recorded."""
+
+        def keep_waiting() -> None:
+            # Not started after all: a trigger that fired stays pending for the next pass.
+            if fired is not None and self.status.triggers is not None:
+                self.status.triggers.pending = [fired, *self.status.triggers.pending][:MAX_PENDING_TRIGGERS]
+
+        leftovers = [
+            p
+            for p in self.pods
+            if p.alive and (self.status.current_run is None or p.run <= self.status.current_run.number)
+        ]
+        if leftovers:
+            for pod in leftovers:
+                self.delete_pod(pod)
+            self.cond(
+                ConditionType.RUNNING,
+                "True",
+                Reason.POD_PENDING,
+                f"waiting for pod(s) {', '.join(p.name for p in leftovers)} of an earlier run to end",
+            )
+            self.plan.requeue(1.0)
+            keep_waiting()
+            return
+        watch = job.spec.retrain.on_new_data
+        if watch is not None and watch.enabled and self.obs.triggers.data is None:
+            self.plan.needs.add("data")  # the run records the listing it starts with
+        number = self.claimable_run(job)
+        if number is None or self.plan.needs:
+            keep_waiting()
+            return
+        self.start_run(job, number, wanted)
+        self.status.triggers = triggers.starting(self.status.triggers, wanted.trigger, now=self.now)
+        data = self.obs.triggers.data
+        if watch is not None and watch.enabled and data is not None and data.fingerprint is not None:
+            state = self.status.triggers.new_data if self.status.triggers is not None else None
+            if state is not None:
+                state.watermark, state.watermark_run, state.new_rows = data.fingerprint, number, 0
+            self.plan.record_listing = number
+
+    def supersede(self, job: FineTuneJob, current: CurrentRun) -> None:
+        """``concurrencyPolicy: Replace``: the active run stops (checkpoints kept) for the new spec."""
+        self.close_attempt(current, Reason.SUPERSEDED, f"spec generation {self.generation} replaces it")
+        self.event(
+            "Normal",
+            Reason.SUPERSEDED,
+            f"run {current.number} stopped for spec generation {self.generation} (retrain.concurrencyPolicy: "
+            "Replace); its checkpoints are kept",
+        )
+        self.finish(
+            job,
+            current,
+            "Superseded",
+            Reason.SUPERSEDED,
+            f"replaced by spec generation {self.generation} (retrain.concurrencyPolicy: Replace)",
+        )
+        self.plan.requeue(0.0)
+
+    def decisions(self, job: FineTuneJob) -> None:
+        """Approvals, rejections and a pinned run: promotion decisions made outside a run's end."""
+        annotations = (self.obs.body.get("metadata") or {}).get("annotations") or {}
+        handled = self.status.annotations or HandledAnnotations()
+        awaiting = self.status.awaiting_approval
+        candidate = self.candidate_of(awaiting.run) if awaiting is not None else None
+        spec = job.spec.promotion
+        for decided in promo.decide_annotations(
+            annotations,
+            {"approve": handled.approve, "reject": handled.reject},
+            awaiting=awaiting,
+            awaiting_candidate=candidate,
+            spec=spec,
+            current=self.status.promoted,
+            now=self.now,
+            base_model_uri=job.spec.model.uri,
+            job=self.identity().to_wire(),
+        ):
+            handled = handled.model_copy(update={decided.annotation: decided.value})
+            if decided.event is not None:
+                self.event(*decided.event)
+            if decided.outcome is not None and awaiting is not None:
+                self.status.awaiting_approval = None
+                self.apply_promotion(awaiting.run, decided.outcome)
+        if handled != (self.status.annotations or HandledAnnotations()):
+            self.status.annotations = handled
+        if spec.pin is not None and (self.status.promoted is None or self.status.promoted.run != spec.pin):
+            if not self.obs.pin_read:
+                self.plan.needs.add("pin")
+                return
+            outcome = promo.pinned(
+                spec,
+                current=self.status.promoted,
+                target=self.obs.pin_target,
+                now=self.now,
+                base_model_uri=job.spec.model.uri,
+                job=self.identity().to_wire(),
+            )
+            if outcome is not None:
+                before = find_condition(self.status.conditions, ConditionType.PROMOTED)
+                if outcome.promoted is not None or before is None or before.reason != Reason.PIN_INVALID:
+                    self.apply_promotion(spec.pin, outcome)
+
+    def candidate_of(self, run: int) -> promo.Candidate | None:
+        """A finished run as a promotion candidate, from the status' run history."""
+        record = next((r for r in self.status.runs if r.number == run), None)
+        if record is None:
+            return None
+        return promo.Candidate(
+            run=record.number,
+            trigger=record.trigger,
+            result=record.result,
+            reason=record.reason or "",
+            message=record.message,
+            model_uri=record.model_uri,
+            metrics=record.metrics,
+            promoted_metrics=record.promoted_metrics,
+            data_fingerprint=record.data_fingerprint,
+        )
+
+    def apply_promotion(self, run: int, outcome: promo.PromotionOutcome) -> None:
+        """Record a promotion decision: the run's record, ``status.promoted`` and the pointer to
+        write, the awaiting candidate, the ``Promoted`` condition, an event, the lineage index."""
+        self.status.runs = [
+            r.model_copy(update={"promotion": outcome.decision}) if r.number == run else r for r in self.status.runs
+        ]
+        if outcome.promoted is not None:
+            self.status.promoted = outcome.promoted
+            self.plan.pointer = outcome.pointer
+        if outcome.awaiting is not None:
+            self.status.awaiting_approval = outcome.awaiting
+        status, reason, message = outcome.condition
+        self.cond(ConditionType.PROMOTED, status, reason, _short(message, 1024))  # type: ignore[arg-type]
+        if outcome.event is not None:
+            self.event(*outcome.event)
+        self.plan.promotions.append(outcome.decision.decision)
+        self.plan.index.append(
+            {"run": run, "event": "promotion", **outcome.decision.model_dump(mode="json", by_alias=True)}
+        )
+
+    def ready(self) -> None:
+        """``Ready``: a promoted model is available (whatever the latest run did)."""
+        promoted = self.status.promoted
+        if promoted is not None:
+            self.cond(
+                ConditionType.READY,
+                "True",
+                Reason.PROMOTED,
+                f"run {promoted.run}'s model is promoted: {promoted.model_uri}",
+            )
+        elif self.status.awaiting_approval is not None:
+            self.cond(
+                ConditionType.READY,
+                "False",
+                Reason.AWAITING_APPROVAL,
+                f"no model is promoted yet; run {self.status.awaiting_approval.run} awaits approval",
+            )
+        else:
+            last = self.status.runs[-1] if self.status.runs else None
+            why = (
+                "no run has finished yet"
+                if last is None
+                else f"no model is promoted yet (run {last.number}: {last.result})"
+            )
+            self.cond(ConditionType.READY, "False", Reason.NO_RUN if last is None else Reason.NOT_PROMOTED, why)
 
     def active_run(self, job: FineTuneJob, current: CurrentRun) -> None:
         self.cleanup_finished(job, keep=current.number)
@@ -700,10 +959,10 @@ class _Planner:
     def claimable_run(self, job: FineTuneJob) -> int | None:
         """The number of the run to start, when the output prefix may be written by this job
         (the claim goes into the plan); ``None`` when it may not (said in the conditions) or
-        was not read yet (``plan.needs_output``)."""
+        was not read yet (``plan.needs``)."""
         view = self.obs.output
         if view is None:
-            self.plan.needs_output = True
+            self.plan.needs.add("output")
             return None
         uri = job.spec.output.uri
         if view.error is not None:
@@ -718,9 +977,6 @@ class _Planner:
         problem = ownership_problem(view.owner, me, continue_lineage=lineage, output_uri=uri)
         if problem is not None:
             self.cond(ConditionType.FAILED, "True", Reason.OUTPUT_OWNED, problem)
-            self.cond(
-                ConditionType.READY, "False", Reason.OUTPUT_OWNED, "no run starts: the output belongs to another job"
-            )
             self.cond(ConditionType.RUNNING, "False", Reason.OUTPUT_OWNED, "no run starts: see the Failed condition")
             if self.cond_changed(ConditionType.FAILED):
                 self.event("Warning", Reason.OUTPUT_OWNED, problem)
@@ -740,9 +996,8 @@ class _Planner:
 
     # -- starting --
 
-    def start_run(self, job: FineTuneJob, number: int) -> None:
-        last = self.status.current_run
-        trigger: RunTrigger = "Created" if last is None else "SpecChange"
+    def start_run(self, job: FineTuneJob, number: int, why: PendingTrigger) -> None:
+        trigger: RunTrigger = why.trigger
         child = names(self.name, number, 1)
         pods = [child.pod(r) for r in range(job.spec.resources.nodes)]
         self.plan.create += self.render_attempt(job, number, 1)
@@ -755,21 +1010,20 @@ class _Planner:
             generation=self.generation,
             spec_hash=spec_hash(job),
             history=[Attempt(number=1, cause="Started", start_time=self.now)],
+            trigger_detail=_short(why.detail, 512),
         )
         self.plan.started_run = number
         if job.spec.active_deadline_seconds is not None:
             self.plan.requeue(job.spec.active_deadline_seconds)
-        what = "first run" if trigger == "Created" else f"spec generation {self.generation}"
+        what = f"{trigger}: {why.detail}"
         created = f"run {number} ({what}): created {len(pods)} pod(s)"
         self.cond(ConditionType.RUNNING, "True", Reason.POD_CREATED, created)
         self.cond(ConditionType.COMPLETE, "False", Reason.RUN_STARTED, f"run {number} is in progress")
         self.cond(ConditionType.FAILED, "False", Reason.RUN_STARTED, f"run {number} is in progress")
         self.cond(ConditionType.DATA_VALID, "Unknown", Reason.RUN_STARTED, f"run {number} validates its data")
-        if find_condition(self.status.conditions, ConditionType.READY) is None:
-            self.cond(ConditionType.READY, "False", Reason.NO_RUN, "no run has finished yet")
         if find_condition(self.status.conditions, ConditionType.SUSPENDED) is not None:
             self.cond(ConditionType.SUSPENDED, "False", Reason.RESUMED, "spec.suspend is false")
-        self.event("Normal", Reason.RUN_STARTED, f"run {number} ({what}) started: pods {', '.join(pods)}")
+        self.event("Normal", Reason.RUN_STARTED, _short(f"run {number} ({what}) started: pods {', '.join(pods)}", 1024))
 
     def start_attempt(self, job: FineTuneJob, current: CurrentRun, cause: AttemptCause) -> None:
         number = current.attempts + 1
@@ -1071,12 +1325,17 @@ class _Planner:
         headline = headline_metric(job, metrics)
         if result == "Succeeded" and not message:
             message = "succeeded" + (f" ({headline})" if headline else "")
+        promoted_metrics = _float_metrics(summary.get("promotedMetrics"))
+        drift = summary.get("dataDrift")
         record = RunRecord(
             number=current.number,
             trigger=current.trigger,
+            trigger_detail=current.trigger_detail,
             result=result,
             reason=reason,
             metrics=metrics,
+            promoted_metrics=promoted_metrics,
+            data_drift=float(drift) if isinstance(drift, int | float) and math.isfinite(drift) else None,
             model_uri=model_uri,
             data_fingerprint=fingerprint[:128] if fingerprint else None,
             start_time=current.start_time,
@@ -1089,6 +1348,9 @@ class _Planner:
         if headline is not None:
             self.status.metric = headline
         self.plan.finished = (result, reason)
+        self.plan.index.append(
+            {"event": "finished", **record.model_dump(mode="json", by_alias=True, exclude_none=True)}
+        )
         if job.spec.ttl_seconds_after_finished is not None:
             self.plan.requeue(job.spec.ttl_seconds_after_finished)
         if self.live is not None and self.wants_new_run(self.live, current):
@@ -1101,16 +1363,60 @@ class _Planner:
             self.cond(ConditionType.RUNNING, "False", Reason.SUCCEEDED, f"run {current.number} ended")
             self.cond(ConditionType.COMPLETE, "True", Reason.SUCCEEDED, text)
             self.cond(ConditionType.FAILED, "False", Reason.SUCCEEDED, f"run {current.number} succeeded")
-            self.cond(ConditionType.READY, "True", Reason.SUCCEEDED, f"run {current.number}'s model is available")
             self.event("Normal", Reason.SUCCEEDED, text)
-            return
-        text = f"run {current.number} failed ({reason}): {message}"
-        short = f"run {current.number} failed ({reason}): see the Failed condition"
-        self.cond(ConditionType.RUNNING, "False", reason, f"run {current.number} ended")
-        self.cond(ConditionType.COMPLETE, "False", reason, short)
-        self.cond(ConditionType.FAILED, "True", reason, text)
-        self.cond(ConditionType.READY, "False", reason, short)
-        self.event("Warning", reason, text)
+        else:
+            text = f"run {current.number} failed ({reason}): {message}"
+            short = f"run {current.number} failed ({reason}): see the Failed condition"
+            self.cond(ConditionType.RUNNING, "False", reason, f"run {current.number} ended")
+            self.cond(ConditionType.COMPLETE, "False", reason, short)
+            self.cond(ConditionType.FAILED, "True", reason, text)
+            self.event("Warning", reason, text)
+        if result != "Superseded":
+            self.promote_or_not(job, current, record, summary, message)
+
+    def promote_or_not(
+        self, job: FineTuneJob, current: CurrentRun, record: RunRecord, summary: Mapping[str, Any], message: str
+    ) -> None:
+        """The promotion decision for a run that just ended (:func:`tuneloop_operator.promotion.decide`)."""
+        result, reason, metrics, model_uri = record.result, record.reason or "", record.metrics, record.model_uri
+        promoted_metrics = record.promoted_metrics
+        promoted_run = summary.get("promotedRun")
+        candidate = promo.Candidate(
+            run=current.number,
+            trigger=current.trigger,
+            result=result,
+            reason=reason,
+            message=message,
+            model_uri=model_uri,
+            metrics=metrics,
+            promoted_run=promoted_run if isinstance(promoted_run, int) and promoted_run >= 1 else None,
+            promoted_metrics=promoted_metrics,
+            data_fingerprint=record.data_fingerprint,
+            failed_gates=_failed_gates(summary),
+        )
+        if self.status.awaiting_approval is not None and result == "Succeeded":
+            older = self.status.awaiting_approval.run
+            self.status.awaiting_approval = None
+            superseded = promo.PromotionOutcome(
+                decision=PromotionDecision(
+                    decision="NotPromoted",
+                    reason=f"superseded by run {current.number} before it was approved",
+                    by="gates",
+                    time=self.now,
+                )
+            )
+            self.apply_promotion(older, superseded)
+        self.apply_promotion(
+            current.number,
+            promo.decide(
+                candidate,
+                job.spec.promotion,
+                current=self.status.promoted,
+                now=self.now,
+                base_model_uri=job.spec.model.uri,
+                job=self.identity().to_wire(),
+            ),
+        )
 
     # -- suspend --
 

@@ -205,9 +205,14 @@ def test_a_job_trains_to_succeeded_with_its_model_in_s3_and_no_secret_anywhere(w
     # kubectl shows the columns filled in.
     table = k8s_api.kubectl("get", "ftj", "sentiment").stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "RUN", "PROGRESS", "LOSS", "METRIC", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "RUN", "PROGRESS", "LOSS", "PROMOTED", "METRIC", "AGE"]
     cells = row.split()
-    assert cells[1:3] == ["Succeeded", "1"] and cells[3] == "100" and cells[5] == done["metric"]
+    assert cells[1:3] == ["Succeeded", "1"] and cells[3] == "100" and cells[5] == "1" and cells[6] == done["metric"]
+    # The run passed (no gates): promoted, with the pointer serving stacks read.
+    assert done["promoted"]["run"] == 1 and condition(done, "Promoted")["status"] == "True"
+    pointer = json.loads(s3.get_bytes("jobs/sentiment/promoted.json"))
+    assert pointer["format"] == "tuneloop-promoted/1" and pointer["run"] == 1
+    assert pointer["modelUri"].rstrip("/") == s3.uri("jobs/sentiment/runs/1/model")
 
     # The operator patches the status, then posts the event.
     k8s_api.wait_for(
@@ -557,3 +562,147 @@ def test_jobs_never_share_an_output_and_a_recreated_job_continues_only_when_aske
     # copycat is still refused, now naming the new owner.
     refused = wait_status(k8s_api, "copycat", lambda s: condition(s, "Failed").get("reason") == "OutputOwned")
     assert pods_of(k8s_api, "copycat") == []
+
+
+# --- the loop (issue #10) ---------------------------------------------------------------------------
+
+
+def upload_rows(s3: S3Harness, key: str, start: int, count: int) -> None:
+    rows = rows_for("sequence-classification", "text", n=start + count)[start:]
+    s3.put_bytes(key, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def run_number_is(n: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda s: (s.get("currentRun") or {}).get("number") == n and bool((s.get("currentRun") or {}).get("result"))
+
+
+def test_new_data_in_s3_starts_one_run_and_never_twice_for_the_same_objects(world: World) -> None:
+    k8s_api, s3, operator = world.k8s, world.s3, world.operator
+    upload_rows(s3, "data/fresh/part-000.jsonl", 0, 80)
+    job = world.job(
+        "fresh",
+        retrain={
+            "onNewData": {"minNewSamples": 20, "pollInterval": "2s", "settlePeriod": "2s"},
+            "cooldown": "1s",
+        },
+    )
+    job["spec"]["dataset"]["uri"] = s3.uri("data/fresh/")
+    k8s_api.create(job)
+    done = wait_status(k8s_api, "fresh", run_number_is(1), what="run 1")
+    assert done["currentRun"]["result"] == "Succeeded", json.dumps(done, indent=1)
+    listing = json.loads(s3.get_bytes("jobs/fresh/runs/1/data-listing.json"))
+    assert listing["format"] == "tuneloop-data-listing/1"
+
+    # A few rows: counted, said, no run.
+    upload_rows(s3, "data/fresh/part-001.jsonl", 80, 5)
+    wait_status(
+        k8s_api,
+        "fresh",
+        lambda _: any("5 new rows" in m for _, r, m in events_of(k8s_api, "fresh") if r == "TriggerSkipped"),
+        timeout=60,
+        what="a TriggerSkipped event for 5 rows",
+    )
+    # A burst of uploads: one run, with the row delta.
+    for i in range(2, 12):
+        upload_rows(s3, f"data/fresh/part-{i:03d}.jsonl", 80 + 3 * i, 3)
+    started = wait_status(k8s_api, "fresh", lambda s: (s.get("currentRun") or {}).get("number") == 2, what="run 2")
+    current = started["currentRun"]
+    assert current["trigger"] == "NewData"
+    assert current["triggerDetail"].startswith("35 new rows in 11 new or changed object(s) since run 1"), current
+    wait_status(k8s_api, "fresh", run_number_is(2), what="the end of run 2")
+    # The operator restarts between polls: the same objects never start another run.
+    operator.kill()
+    operator.start()
+    time.sleep(8)
+    status = status_of(k8s_api, "fresh")
+    assert status["currentRun"]["number"] == 2, json.dumps(status, indent=1)
+    assert status["triggers"]["newData"]["watermarkRun"] == 2
+
+
+def test_drift_reported_by_a_real_prometheus_starts_one_run(world: World, prometheus: Any) -> None:
+    k8s_api = world.k8s
+    score = prometheus.gauge("tuneloop_e2e_drift_score", ["finetunejob"])
+    score.labels(finetunejob="drifty").set(0.1)
+    prometheus.wait_for_value('tuneloop_e2e_drift_score{finetunejob="drifty"}', 0.1)
+    drift = {
+        "prometheus": {
+            "url": prometheus.url,
+            "query": 'max(tuneloop_e2e_drift_score{finetunejob="drifty"})',
+            "threshold": 0.5,
+            "for": "3s",
+            "pollInterval": "1s",
+        }
+    }
+    k8s_api.create(world.job("drifty", retrain={"onDrift": drift, "cooldown": "1s"}))
+    done = wait_status(k8s_api, "drifty", run_number_is(1), what="run 1")
+    assert done["currentRun"]["result"] == "Succeeded"
+    assert done["triggers"]["drift"]["value"] == 0.1
+    assert condition(done, "TriggersHealthy")["status"] == "True"
+    score.labels(finetunejob="drifty").set(0.9)
+    started = wait_status(
+        k8s_api, "drifty", lambda s: (s.get("currentRun") or {}).get("number") == 2, timeout=60, what="run 2"
+    )
+    assert started["currentRun"]["trigger"] == "Drift"
+    assert "drift 0.9 above 0.5" in started["currentRun"]["triggerDetail"]
+    score.labels(finetunejob="drifty").set(0.1)
+    wait_status(k8s_api, "drifty", run_number_is(2), what="the end of run 2")
+    time.sleep(6)
+    assert status_of(k8s_api, "drifty")["currentRun"]["number"] == 2, "one run for one drift"
+
+
+def test_approval_promotes_and_a_failed_gate_keeps_the_promoted_model(world: World) -> None:
+    k8s_api, s3 = world.k8s, world.s3
+    job = world.job(
+        "guarded",
+        promotion={"gates": [{"metric": "accuracy", "minImprovement": -1.0}], "requireApproval": True},
+    )
+    k8s_api.create(job)
+    waiting = wait_status(k8s_api, "guarded", lambda s: bool(s.get("awaitingApproval")), what="awaiting approval")
+    assert waiting["awaitingApproval"]["run"] == 1 and "promoted" not in waiting
+    assert condition(waiting, "Ready")["status"] == "False"
+    k8s_api.patch(API, KIND, "guarded", {"metadata": {"annotations": {"tuneloop.dev/approve": "1"}}}, NS)
+    promoted = wait_status(k8s_api, "guarded", lambda s: bool(s.get("promoted")), what="promotion")
+    assert promoted["promoted"]["run"] == 1 and promoted["promoted"]["by"] == "annotation tuneloop.dev/approve=1"
+    assert json.loads(s3.get_bytes("jobs/guarded/promoted.json"))["run"] == 1
+    assert condition(promoted, "Ready")["status"] == "True"
+
+    # A run that cannot pass its gates: the promoted model stays, and stays available.
+    k8s_api.patch(
+        API,
+        KIND,
+        "guarded",
+        {"spec": {"promotion": {"gates": [{"metric": "accuracy", "min": 2.0}], "requireApproval": True}}},
+        NS,
+    )
+    done = wait_status(k8s_api, "guarded", run_number_is(2), what="run 2")
+    assert done["currentRun"]["result"] == "GateFailed"
+    assert done["promoted"]["run"] == 1 and condition(done, "Ready")["status"] == "True"
+    record = done["runs"][-1]
+    assert record["promotion"]["decision"] == "NotPromoted" and "accuracy" in record["promotion"]["reason"]
+    assert record["promotedMetrics"], "run 2 evaluated the promoted model on its own test split"
+    assert json.loads(s3.get_bytes("jobs/guarded/promoted.json"))["run"] == 1
+    index = json.loads(s3.get_bytes("jobs/guarded/runs/index.json"))["records"]
+    assert [(r.get("run") or r.get("number"), r["event"]) for r in index][:3] == [
+        (1, "finished"),
+        (1, "promotion"),
+        (1, "promotion"),
+    ]
+
+
+def test_a_manual_request_and_the_schedule_start_runs(world: World) -> None:
+    k8s_api = world.k8s
+    k8s_api.create(world.job("timely", retrain={"schedule": "* * * * *", "cooldown": "1s"}))
+    wait_status(k8s_api, "timely", run_number_is(1), what="run 1")
+    k8s_api.patch(API, KIND, "timely", {"metadata": {"annotations": {"tuneloop.dev/retrain": "now"}}}, NS)
+    manual = wait_status(k8s_api, "timely", lambda s: (s.get("currentRun") or {}).get("number") == 2, what="run 2")
+    assert manual["currentRun"]["trigger"] == "Manual"
+    wait_status(k8s_api, "timely", run_number_is(2), what="the end of run 2")
+    scheduled = wait_status(
+        k8s_api,
+        "timely",
+        lambda s: (s.get("currentRun") or {}).get("trigger") == "Schedule",
+        timeout=90,
+        what="a scheduled run (every minute)",
+    )
+    assert scheduled["currentRun"]["number"] == 3
+    assert "scheduled for" in scheduled["currentRun"]["triggerDetail"]

@@ -106,7 +106,7 @@ def test_crd_names_subresources_and_printer_columns(committed: dict[str, Any]) -
     version = spec["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Run", "Progress", "Loss", "Metric", "Age"]
+    assert columns == ["Phase", "Run", "Progress", "Loss", "Promoted", "Metric", "Age"]
 
 
 def test_task_is_immutable_in_the_crd(schema: dict[str, Any]) -> None:

@@ -58,7 +58,9 @@ class ObjectMeta(ApiModel):
     labels: dict[str, str] = Field(default_factory=dict)
     """Labels."""
     annotations: dict[str, str] = Field(default_factory=dict)
-    """Annotations (``tuneloop.dev/approve=<run>`` approves a run for promotion)."""
+    """Annotations. Requests to the operator, each value acted on once: ``tuneloop.dev/retrain``
+    (a new value starts a run), ``tuneloop.dev/approve=<run>`` and ``tuneloop.dev/reject=<run>``
+    (decide a run awaiting approval)."""
 
 
 class FineTuneJob(ApiModel):

@@ -25,6 +25,7 @@ from tuneloop.api.types import (
     ObjectName,
     OutputUri,
     Quantity,
+    TimeZone,
     raise_issues,
 )
 
@@ -401,7 +402,13 @@ class Promotion(ApiModel):
     gates: Annotated[list[Gate], Field(max_length=16)] = Field(default_factory=list)
     """Every gate must pass."""
     require_approval: bool = False
-    """Human in the loop: wait for the annotation ``tuneloop.dev/approve=<run number>``."""
+    """Human in the loop: a run that passes its gates waits (``AwaitingApproval``) for the
+    annotation ``tuneloop.dev/approve=<run number>`` (promote) or ``tuneloop.dev/reject=<run
+    number>`` (close it). Changing it never starts a run."""
+    pin: Annotated[int, Field(ge=1)] | None = None
+    """Roll back (or forward): promote this run's model (it must still exist) and keep it
+    promoted while set; new runs train and are evaluated but are not promoted. Setting or
+    removing it never starts a run; once removed, the next run that passes is promoted."""
 
 
 class CheckpointPolicy(ApiModel):
@@ -493,9 +500,15 @@ class NewDataTrigger(ApiModel):
     enabled: bool = True
     """Watch for new data."""
     min_new_samples: Annotated[int, Field(ge=1)] = 500
-    """New rows needed to start a run."""
+    """New rows needed to start a run: rows of the objects added or changed under
+    ``dataset.uri`` since the listing the last run trained on (unchanged objects are never
+    downloaded or counted again)."""
     poll_interval: Duration = "5m"
-    """How often the data prefix is listed."""
+    """How often the data prefix is listed (spread over the interval, so that many jobs do not
+    list at the same moment)."""
+    settle_period: Duration = "2m"
+    """The listing must stay unchanged this long before new rows are counted and a run starts:
+    a burst of uploads becomes one run."""
 
 
 class PrometheusDrift(ApiModel):
@@ -506,11 +519,15 @@ class PrometheusDrift(ApiModel):
     query: Annotated[str, Field(min_length=1, max_length=4096)]
     """PromQL returning one number, e.g. a drift score or a live accuracy."""
     threshold: float
-    """Drift when the value crosses this."""
+    """Drift when the value crosses this. The query must return one number (a scalar, or a
+    vector of exactly one sample); anything else is reported in the status, never a run."""
     direction: Literal["above", "below"] = "above"
     """Drift when the value is ``above`` (a drift score) or ``below`` (a live accuracy) the threshold."""
     for_: Annotated[Duration, Field(alias="for")] = "10m"
-    """How long the condition must hold before a run starts."""
+    """How long the condition must hold, in every query, before a run starts (one value on the
+    other side of the threshold starts the wait again)."""
+    poll_interval: Duration = "1m"
+    """How often the query runs."""
 
 
 class DriftTrigger(ApiModel):
@@ -525,15 +542,27 @@ class Retrain(ApiModel):
     if it passes ``promotion``."""
 
     on_spec_change: bool = True
-    """A new ``metadata.generation`` (a GitOps sync, a ``kubectl apply``) starts a new run."""
+    """A new ``metadata.generation`` (a GitOps sync, a ``kubectl apply``) whose training-relevant
+    spec differs starts a new run (see ``concurrencyPolicy`` while one is active)."""
     on_new_data: NewDataTrigger | None = None
-    """Retrain on new data."""
+    """Retrain when enough new rows land under ``dataset.uri`` (trigger ``NewData``)."""
     on_drift: DriftTrigger | None = None
-    """Retrain on drift."""
+    """Retrain when a Prometheus query reports drift (trigger ``Drift``)."""
     schedule: CronExpression | None = None
-    """Retrain on a cron schedule (UTC), e.g. ``0 3 * * 0``."""
+    """Retrain on a cron schedule, e.g. ``0 3 * * 0`` (in ``timeZone``, UTC by default)."""
+    time_zone: TimeZone | None = None
+    """IANA time zone of ``schedule``, e.g. ``Europe/Berlin`` (as a CronJob's ``timeZone``)."""
+    starting_deadline: Duration = "1h"
+    """A scheduled start missed by more than this (the operator was down) is skipped, not run
+    late; of several missed starts at most the latest runs."""
     cooldown: Duration = "1h"
-    """Least time between the starts of two automatic runs."""
+    """Least time between the starts of two automatic runs (new data, drift, schedule).
+    Triggers that arrive sooner, or while a run is active, are coalesced into one follow-up run
+    that starts when the cooldown ends; a spec change or a manual request is not held back."""
+    concurrency_policy: Literal["Queue", "Replace"] = "Queue"
+    """What a spec change does while a run is active: ``Queue`` trains the new spec in the next
+    run, after the active one ends; ``Replace`` stops the active run (its pods are deleted,
+    checkpoints kept) and starts the new spec at once."""
 
 
 class FineTuneJobSpec(ApiModel):

@@ -25,7 +25,8 @@ class ConditionType:
     """Condition types a FineTuneJob reports."""
 
     READY: Final = "Ready"
-    """A promoted model is available and the latest run is not failing."""
+    """A promoted model is available (``status.promoted``); a later run that failed or did not
+    pass its gates does not change that (the latest run's result is ``Complete``/``Failed``)."""
     RUNNING: Final = "Running"
     """A run is in progress (pods exist or are being created)."""
     COMPLETE: Final = "Complete"
@@ -37,9 +38,13 @@ class ConditionType:
     DATA_VALID: Final = "DataValid"
     """The latest run's data passed validation."""
     PROMOTED: Final = "Promoted"
-    """The latest run's model was promoted."""
+    """The latest finished run's model was promoted (``False``: why not; ``Unknown`` while it
+    awaits approval)."""
+    TRIGGERS_HEALTHY: Final = "TriggersHealthy"
+    """Every configured retraining trigger can look (the data listing and the drift query work);
+    ``False`` names the one that cannot and why. No run starts from a trigger that cannot look."""
 
-    ALL: Final = (READY, RUNNING, COMPLETE, FAILED, SUSPENDED, DATA_VALID, PROMOTED)
+    ALL: Final = (READY, RUNNING, COMPLETE, FAILED, SUSPENDED, DATA_VALID, PROMOTED, TRIGGERS_HEALTHY)
 
 
 class Reason:
@@ -92,6 +97,27 @@ class Reason:
     """The run's model was promoted."""
     NOT_PROMOTED: Final = "NotPromoted"
     """The run's model was not promoted (gates or approval); the message says why."""
+    REJECTED: Final = "Rejected"
+    """A run awaiting approval was rejected by the annotation ``tuneloop.dev/reject``."""
+    PINNED: Final = "Pinned"
+    """``spec.promotion.pin`` names the promoted run."""
+    PIN_INVALID: Final = "PinInvalid"
+    """``spec.promotion.pin`` names a run whose model does not exist (any more)."""
+    TRIGGERS_OK: Final = "TriggersOK"
+    """Every configured trigger looked successfully."""
+    DECISION_REFUSED: Final = "DecisionRefused"
+    """An approve or reject annotation named a run that is not awaiting approval."""
+    TRIGGERED: Final = "Triggered"
+    """A retraining trigger fired (new data, drift, schedule, a manual request)."""
+    TRIGGER_SUPPRESSED: Final = "TriggerSuppressed"
+    """A trigger fired but no run starts yet (cooldown, a run is active); the message says
+    until when. Coalesced: one follow-up run, whatever the number of triggers."""
+    TRIGGER_SKIPPED: Final = "TriggerSkipped"
+    """A trigger looked and found no reason to run (too few new rows, a missed schedule)."""
+    TRIGGER_ERROR: Final = "TriggerError"
+    """A trigger could not look (a listing or a query failed, or returned no single number)."""
+    SUPERSEDED: Final = "Superseded"
+    """The run was stopped for a newer spec (``retrain.concurrencyPolicy: Replace``)."""
     NO_RUN: Final = "NoRun"
     """No run has happened yet."""
     RUN_STARTED: Final = "RunStarted"
@@ -197,6 +223,8 @@ class CurrentRun(ApiModel):
     """Run number, counting from 1 per job."""
     trigger: RunTrigger
     """What started the run."""
+    trigger_detail: Annotated[str, Field(max_length=512)] = ""
+    """Why, in a sentence (``1,240 new rows in 3 objects``, ``drift 0.31 above 0.2 for 30m``...)."""
     pods: list[str] = Field(default_factory=list)
     """Names of the current attempt's pods."""
     start_time: datetime | None = None
@@ -232,6 +260,20 @@ class CurrentRun(ApiModel):
     """When the run ended."""
 
 
+class PromotionDecision(ApiModel):
+    """What became of a finished run's model."""
+
+    decision: Literal["Promoted", "NotPromoted", "AwaitingApproval", "Rejected"]
+    """``Promoted``; ``NotPromoted`` (a gate failed, the run failed, or a pin holds another run);
+    ``AwaitingApproval`` (gates passed, ``requireApproval``); ``Rejected`` (by annotation)."""
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    """Why, with the numbers (``f1 0.871 < min 0.9``)."""
+    by: Annotated[str, Field(max_length=256)] = ""
+    """Who decided: ``gates``, ``annotation tuneloop.dev/approve=4``, ``spec.promotion.pin=3``."""
+    time: datetime | None = None
+    """When."""
+
+
 class RunRecord(ApiModel):
     """A finished run, kept in a bounded history."""
 
@@ -239,12 +281,22 @@ class RunRecord(ApiModel):
     """Run number."""
     trigger: RunTrigger
     """What started it."""
+    trigger_detail: Annotated[str, Field(max_length=512)] = ""
+    """Why it started."""
     result: RunResult
     """How it ended."""
     reason: Annotated[str, Field(max_length=1024)] | None = None
     """Reason of the result (a Reason constant)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Final test metrics."""
+    promoted_metrics: dict[str, float] = Field(default_factory=dict)
+    """The model promoted when the run started, evaluated by the run on the same test split
+    (what ``minImprovement`` compares with)."""
+    data_drift: float | None = None
+    """How far the run's training data is from the promoted run's (Jensen-Shannon distance of
+    label, length and token distributions; 0 = same, 1 = disjoint)."""
+    promotion: PromotionDecision | None = None
+    """What became of the model."""
     model_uri: Annotated[str, Field(max_length=2048)] | None = None
     """Where the model was written."""
     data_fingerprint: Annotated[str, Field(max_length=128)] | None = None
@@ -262,7 +314,7 @@ class RunRecord(ApiModel):
 
 
 class Promoted(ApiModel):
-    """The model currently promoted."""
+    """The model currently promoted (also written to ``promoted.json`` under the output)."""
 
     run: Annotated[int, Field(ge=1)]
     """Run that produced it."""
@@ -272,6 +324,115 @@ class Promoted(ApiModel):
     """Its test metrics."""
     time: datetime | None = None
     """When it was promoted."""
+    trigger: RunTrigger | None = None
+    """What started the run that produced it."""
+    by: Annotated[str, Field(max_length=256)] = ""
+    """Who promoted it: ``gates``, an approval annotation, ``spec.promotion.pin``."""
+
+
+class AwaitingApproval(ApiModel):
+    """A run that passed its gates and waits for a person (``promotion.requireApproval``)."""
+
+    run: Annotated[int, Field(ge=1)]
+    """The candidate run: approve with ``tuneloop.dev/approve=<run>``, reject with
+    ``tuneloop.dev/reject=<run>``."""
+    model_uri: Annotated[str, Field(max_length=2048)]
+    """The candidate model."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """The candidate's test metrics."""
+    promoted_metrics: dict[str, float] = Field(default_factory=dict)
+    """The promoted model's metrics on the same test split."""
+    since: datetime | None = None
+    """Since when it waits."""
+
+
+class PendingTrigger(ApiModel):
+    """A trigger that fired while a run was active or the cooldown held: one follow-up run."""
+
+    trigger: RunTrigger
+    """What fired."""
+    detail: Annotated[str, Field(max_length=512)] = ""
+    """Why."""
+    time: datetime | None = None
+    """When it fired (the first of its kind while waiting)."""
+
+
+class NewDataState(ApiModel):
+    """What the last listing of ``dataset.uri`` found (``retrain.onNewData``)."""
+
+    fingerprint: Annotated[str, Field(max_length=64)] | None = None
+    """Hash of the listing (keys, sizes, ETags) at the last poll."""
+    objects: Annotated[int, Field(ge=0)] = 0
+    """Objects listed."""
+    changed_time: datetime | None = None
+    """When the listing last changed (it must stay unchanged for ``settlePeriod``)."""
+    watermark: Annotated[str, Field(max_length=64)] | None = None
+    """Fingerprint of the listing the latest run trained on: the same objects never trigger twice
+    (also recorded in each run's ``run.json``, so a lost status does not forget it)."""
+    watermark_run: Annotated[int, Field(ge=1)] | None = None
+    """The run that trained on the watermark listing."""
+    new_rows: Annotated[int, Field(ge=0)] | None = None
+    """Rows in the objects added or changed since the watermark, once counted."""
+    last_poll_time: datetime | None = None
+    """When the prefix was last listed."""
+    next_poll_time: datetime | None = None
+    """When it is listed next."""
+    message: Annotated[str, Field(max_length=1024)] = ""
+    """The last poll's outcome in words."""
+
+
+class DriftState(ApiModel):
+    """What the last drift query returned (``retrain.onDrift``)."""
+
+    value: float | None = None
+    """The last value."""
+    pending_since: datetime | None = None
+    """Since when every value was past the threshold (a run starts once this is ``for`` old)."""
+    last_query_time: datetime | None = None
+    """When the query last ran."""
+    next_query_time: datetime | None = None
+    """When it runs next."""
+    message: Annotated[str, Field(max_length=1024)] = ""
+    """The last query's outcome in words (an error, an empty result...)."""
+
+
+class ScheduleState(ApiModel):
+    """Where the schedule stands (``retrain.schedule``)."""
+
+    last_schedule_time: datetime | None = None
+    """The latest scheduled time acted on (run, coalesced or skipped)."""
+    next_schedule_time: datetime | None = None
+    """The next scheduled time."""
+
+
+MAX_PENDING_TRIGGERS: Final = 8
+
+
+class HandledAnnotations(ApiModel):
+    """The last value of each request annotation that was acted on (or refused): a value is
+    handled once, however long it stays on the object."""
+
+    retrain: Annotated[str, Field(max_length=256)] | None = None
+    """``tuneloop.dev/retrain``: a new value starts one run (trigger ``Manual``)."""
+    approve: Annotated[str, Field(max_length=256)] | None = None
+    """``tuneloop.dev/approve``: the run number to promote."""
+    reject: Annotated[str, Field(max_length=256)] | None = None
+    """``tuneloop.dev/reject``: the run number not to promote."""
+
+
+class TriggerStatus(ApiModel):
+    """The state of the retraining triggers (``spec.retrain``)."""
+
+    new_data: NewDataState | None = None
+    """New data."""
+    drift: DriftState | None = None
+    """Drift."""
+    schedule: ScheduleState | None = None
+    """Schedule."""
+    pending: Annotated[list[PendingTrigger], Field(max_length=MAX_PENDING_TRIGGERS)] = Field(default_factory=list)
+    """Triggers waiting for the active run or the cooldown to end: they start one run together."""
+    last_automatic_start: datetime | None = None
+    """When the latest run started by a trigger (new data, drift, schedule) started."""
 
 
 MAX_RUN_HISTORY: Final = 20
@@ -292,6 +453,12 @@ class FineTuneJobStatus(ApiModel):
     """The most recent finished runs, newest last."""
     promoted: Promoted | None = None
     """The promoted model."""
+    awaiting_approval: AwaitingApproval | None = None
+    """A candidate waiting for approval (``promotion.requireApproval``)."""
+    triggers: TriggerStatus | None = None
+    """The retraining triggers."""
+    annotations: HandledAnnotations | None = None
+    """Request annotations already handled."""
     metric: Annotated[str, Field(max_length=128)] | None = None
     """Headline metric of the latest run as ``name=value`` (shown by ``kubectl get``)."""
 

@@ -271,6 +271,28 @@ CronExpression = Annotated[
 """A cron schedule in UTC: ``minute hour day-of-month month day-of-week``, or ``@daily`` etc."""
 
 
+def _check_time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # noqa: PLC0415
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{value!r} is not a time zone of the IANA database; "
+            "write e.g. 'Europe/Berlin', 'America/New_York' or 'UTC'"
+        ) from None
+    return value
+
+
+TIME_ZONE_PATTERN: Final = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2}$"
+TimeZone = Annotated[
+    str,
+    AfterValidator(_check_time_zone),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 64, "pattern": TIME_ZONE_PATTERN}),
+]
+"""An IANA time zone name such as ``Europe/Berlin`` (as a CronJob's ``timeZone``)."""
+
+
 # --- quantities ------------------------------------------------------------------------
 
 QUANTITY_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"

@@ -13,10 +13,12 @@ from typing import Any
 
 from tests.manifests import minimal_job
 from tuneloop.api.status import Condition, FineTuneJobStatus, find_condition
-from tuneloop.contract import Heartbeat
+from tuneloop.contract import Heartbeat, PromotedPointer
 from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.planner import Event, Observed, OutputView, Plan, PlannerSettings, parse_status, plan
+from tuneloop_operator.promotion import Candidate
+from tuneloop_operator.triggers import DataObservation, DriftObservation, RowObservation
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 IMAGE = "ghcr.io/tuneloop/trainer:0.1.0"
@@ -31,6 +33,19 @@ def job_manifest(name: str = "job", **spec: Any) -> Manifest:
     m = minimal_job(name=name)
     m["spec"].update(copy.deepcopy(spec))
     return m
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: ``patch`` applied to ``target`` (null deletes; objects merge; the rest replaces)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def ts(at: datetime) -> str:
@@ -77,6 +92,22 @@ class World:
         """Set to make the prefix unreadable."""
         self.output_reads = 0
         """How often the executor read the prefix."""
+        self.dataset_fingerprint: str | None = "listing-0"
+        self.dataset_objects = 1
+        self.dataset_error: str | None = None
+        self.new_rows = 0
+        """Rows the Observer counts in new objects (when asked)."""
+        self.drift: DriftObservation = DriftObservation(value=0.0)
+        self.recorded_watermark: tuple[str, int] | None = None
+        """What ``runs/<n>/data-listing.json`` of the latest run says, after a status loss."""
+        self.pin_targets: dict[int, Candidate] = {}
+        self.requests: list[str] = []
+        """What the Observer was asked, in order."""
+        self.pointers: list[PromotedPointer] = []
+        """``promoted.json`` as written, in order."""
+        self.index: list[dict[str, Any]] = []
+        self.listings: dict[int, str] = {}
+        """Run → the listing fingerprint recorded when it started."""
 
     # -- the operator's side --
 
@@ -96,13 +127,45 @@ class World:
             return OutputView(error=self.output_error)
         return OutputView(owner=self.output_owner, highest_run=max(self.output_runs, default=0))
 
+    def observe(self, observed: Observed, needs: set[str]) -> Observed:
+        """What the handler's Observer would find: the simulated output, dataset and drift."""
+        changes: dict[str, Any] = {}
+        if "output" in needs:
+            changes["output"] = self.output_view()
+        if "pin" in needs:
+            changes["pin_target"] = self.pin_targets.get(self.body["spec"].get("promotion", {}).get("pin"))
+            changes["pin_read"] = True
+        obs = observed.triggers
+        if "watermark" in needs:
+            self.requests.append("watermark")
+            obs = dataclasses.replace(obs, watermark=self.recorded_watermark, watermark_read=True)
+        if "data" in needs or "rows" in needs:
+            self.requests.append("data")
+            data = (
+                DataObservation(error=self.dataset_error)
+                if self.dataset_error
+                else DataObservation(fingerprint=self.dataset_fingerprint, objects=self.dataset_objects)
+            )
+            obs = dataclasses.replace(obs, data=data)
+            if "rows" in needs:
+                self.requests.append("rows")
+                obs = dataclasses.replace(obs, rows=RowObservation(rows=self.new_rows, objects=1))
+        if "drift" in needs:
+            self.requests.append("drift")
+            obs = dataclasses.replace(obs, drift=self.drift)
+        changes["triggers"] = obs
+        return dataclasses.replace(observed, **changes)
+
     def plan(self) -> Plan:
-        """Plan without carrying the plan out; like the executor, read the output prefix and
-        plan again when the plan asks for it."""
+        """Plan without carrying the plan out; like the executor, observe what the plan asks
+        for and plan again."""
         observed = self.observed()
         the_plan = plan(observed, self.settings)
-        if the_plan.needs_output:
-            the_plan = plan(dataclasses.replace(observed, output=self.output_view()), self.settings)
+        for _ in range(4):
+            if not the_plan.needs:
+                break
+            observed = self.observe(observed, the_plan.needs)
+            the_plan = plan(observed, self.settings)
         return the_plan
 
     def reconcile(self) -> Plan:
@@ -133,6 +196,11 @@ class World:
         if not self.claim(the_plan):
             self.last_plan = the_plan
             return
+        if the_plan.record_listing is not None and self.dataset_fingerprint is not None:
+            self.listings[the_plan.record_listing] = self.dataset_fingerprint
+        if the_plan.pointer is not None:
+            self.pointers.append(the_plan.pointer)
+        self.index += the_plan.index
         for ref in the_plan.delete:
             self.deleted.append(f"{ref.kind}/{ref.name}")
             if ref.kind == "Pod":
@@ -160,9 +228,11 @@ class World:
                 created["status"] = {"phase": "Pending"}
             store[name] = created
             self.created.append(f"{obj['kind']}/{name}")
-        old = parse_status(self.body.get("status"))
-        if status_patch(old, the_plan.status) is not None:
-            self.body["status"] = the_plan.status.to_wire()
+        stored = self.body.get("status")
+        patch = status_patch(stored if isinstance(stored, dict) else None, the_plan.status)
+        if patch is not None:
+            # As the API server applies the executor's merge patch (RFC 7386).
+            self.body["status"] = merge_patch(self.body.get("status") or {}, patch)
             self.patches += 1
         self.events += the_plan.events
         self.last_plan = the_plan

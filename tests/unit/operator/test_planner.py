@@ -211,7 +211,7 @@ def test_success_records_the_run() -> None:
     current = w.status.current_run
     assert current is not None and current.result == "Succeeded" and current.completion_time == record.completion_time
     assert current.history[-1].reason == Reason.SUCCEEDED and current.history[-1].exit_code == 0
-    assert [(e.type, e.reason) for e in p.events] == [("Normal", Reason.SUCCEEDED)]
+    assert [(e.type, e.reason) for e in p.events] == [("Normal", Reason.SUCCEEDED), ("Normal", Reason.PROMOTED)]
     # Settled: nothing more happens, no new run.
     w.advance(3600)
     p = w.reconcile()
@@ -280,7 +280,8 @@ def test_permanent_exit_codes_fail_the_run_without_retry(code: int, reason: str,
     assert (current.attempts, current.failures, current.result, current.reason) == (1, 0, result, reason)
     assert [(a.reason, a.exit_code) for a in current.history] == [(reason, code)]
     assert w.status.runs[-1].result == result
-    assert [(e.type, e.reason) for e in p.events] == [("Warning", reason)]
+    gate = [("Normal", Reason.NOT_PROMOTED)] if reason == Reason.GATE_FAILED else []
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", reason), *gate]
     if code == 11:
         data = w.condition(ConditionType.DATA_VALID)
         assert (data.status, data.reason, data.message) == ("False", Reason.INVALID_DATA, "the trainer explains")
