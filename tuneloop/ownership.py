@@ -296,23 +296,36 @@ def read_run_claim(storage: Storage, output_uri: str, run: int) -> RunClaim | No
         return None
 
 
+def _create_claim(
+    storage: Storage, output_uri: str, me: JobIdentity, run: int, *, spec_hash: str, by: ClaimedBy
+) -> RunClaim | None:
+    """Create ``runs/<run>/run.json`` for ``me``; ``None`` when it exists already."""
+    claim = RunClaim(run=run, job=me, spec_hash=spec_hash, claimed_at=_now(), claimed_by=by)
+    try:
+        storage.create_bytes(
+            safe_join(output_uri, Layout.run_claim(run)), claim.to_json(), content_type="application/json"
+        )
+    except PreconditionFailedError:
+        return None
+    return claim
+
+
 def claim_run(
     storage: Storage, output_uri: str, me: JobIdentity, run: int, *, spec_hash: str, by: ClaimedBy
 ) -> RunClaim:
     """Claim run ``run`` for ``me`` (or confirm ``me`` claimed it before: a retried attempt, a
     restarted operator, ``tuneloop run --run N``). :class:`OutputOwnedError` when another job did."""
-    uri = safe_join(output_uri, Layout.run_claim(run))
-    claim = RunClaim(run=run, job=me, spec_hash=spec_hash, claimed_at=_now(), claimed_by=by)
-    try:
-        storage.create_bytes(uri, claim.to_json(), content_type="application/json")
+    claim = _create_claim(storage, output_uri, me, run, spec_hash=spec_hash, by=by)
+    if claim is not None:
         return claim
-    except PreconditionFailedError:
-        pass
     existing = read_run_claim(storage, output_uri, run)
     if existing is not None and existing.job.same_job(me):
         return existing
     who = existing.job.describe() if existing is not None else "another writer"
-    raise OutputOwnedError(f"run {run} under {output_uri} was claimed by {who}, not by {me.describe()}", uri=uri)
+    raise OutputOwnedError(
+        f"run {run} under {output_uri} was claimed by {who}, not by {me.describe()}",
+        uri=safe_join(output_uri, Layout.run_claim(run)),
+    )
 
 
 def claim_next_run(
@@ -321,11 +334,8 @@ def claim_next_run(
     """Claim the lowest free run number above both ``after`` and every run under the prefix."""
     run = max(after, highest_run(storage, output_uri)) + 1
     for _ in range(MAX_TRIES):
-        uri = safe_join(output_uri, Layout.run_claim(run))
-        claim = RunClaim(run=run, job=me, spec_hash=spec_hash, claimed_at=_now(), claimed_by=by)
-        try:
-            storage.create_bytes(uri, claim.to_json(), content_type="application/json")
+        claim = _create_claim(storage, output_uri, me, run, spec_hash=spec_hash, by=by)
+        if claim is not None:
             return claim
-        except PreconditionFailedError:
-            run += 1  # taken by a concurrent run (ours or not): the next one
+        run += 1  # taken by a concurrent run (ours or not): the next one
     raise StorageError(f"could not claim a run number under {output_uri}: too many concurrent runs; retry")

@@ -10,6 +10,8 @@ from tuneloop.api import ConditionType, Reason
 from tuneloop.api.status import FineTuneJobStatus
 from tuneloop_operator.conditions import MAX_MESSAGE, set_condition, status_patch, with_phase
 
+from .planner_helpers import merge_patch
+
 pytestmark = pytest.mark.unit
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -51,19 +53,6 @@ def test_phase_is_derived_and_status_patched_only_on_change() -> None:
     assert first is not None and first["observedGeneration"] == 1
 
 
-def _merge(target: object, patch: object) -> object:
-    """RFC 7386, as the API server applies a merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge(out.get(key), value)
-    return out
-
-
 def test_the_status_patch_removes_nested_fields_that_are_gone() -> None:
     """A merge patch merges nested objects: a field cleared inside currentRun (retryAfter after a
     retry, newRows of a changed listing) must be sent as null, or the server keeps it."""
@@ -76,4 +65,4 @@ def test_the_status_patch_removes_nested_fields_that_are_gone() -> None:
     new = FineTuneJobStatus(current_run=CurrentRun(number=1, trigger="Created", failures=1))
     patch = status_patch(old, new)
     assert patch == {"currentRun": {"retryAfter": None}}
-    assert _merge(old.to_wire(), patch) == new.to_wire()
+    assert merge_patch(old.to_wire(), patch) == new.to_wire()
