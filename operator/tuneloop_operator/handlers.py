@@ -195,6 +195,7 @@ class Runtime:
             config_maps=config_maps,
             services=services,
             heartbeat=self.beats.get(key),
+            triggers=self.observer.observations(key),
         )
         the_plan = plan(observed, self.planner)
         # The planner asks before it decides what depends on storage or monitoring: who owns the
@@ -251,6 +252,7 @@ class Runtime:
             await self.kube.patch_job_status(namespace, name, patch)
         for event in the_plan.events:
             await self._post(body, EventSpec(event.type, event.reason, event.message))
+        self.observer.remember(key, the_plan.trigger_schedule)
         self._account(key, the_plan)
         if the_plan.requeue_after is not None:
             self.schedule(key, the_plan.requeue_after)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Final
 
 from tuneloop.api import FineTuneJob
@@ -25,7 +26,7 @@ from tuneloop_operator.datawatch import DataWatch, Listing
 from tuneloop_operator.metrics import OperatorMetrics
 from tuneloop_operator.outputs import OutputAccess, StorageAccessError
 from tuneloop_operator.planner import Observed, parse_status
-from tuneloop_operator.triggers import DataObservation, DriftObservation, RowObservation
+from tuneloop_operator.triggers import DataObservation, DriftObservation, Observations, RowObservation
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,20 @@ class Observer:
         self.datawatch = datawatch or DataWatch()
         metrics.watch_data(self.datawatch.stats)
         self.listings: OrderedDict[Key, Listing] = OrderedDict()
+        self.schedules: dict[Key, dict[str, datetime]] = {}
+        """When each job's triggers look next (the status has it only as of its last refresh)."""
 
     def forget(self, key: Key) -> None:
         self.listings.pop(key, None)
+        self.schedules.pop(key, None)
+
+    def remember(self, key: Key, schedule: Mapping[str, datetime]) -> None:
+        if schedule:
+            self.schedules[key] = dict(schedule)
+
+    def observations(self, key: Key) -> Observations:
+        """What every pass starts with: the remembered trigger schedule."""
+        return Observations(schedule=dict(self.schedules.get(key, {})))
 
     def listing(self, key: Key) -> Listing | None:
         return self.listings.get(key)

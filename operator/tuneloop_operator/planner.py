@@ -209,6 +209,9 @@ class Plan:
     """Write the dataset listing observed in this pass as this run's (its data watermark)."""
     trigger_counts: list[tuple[str, str]] = field(default_factory=list)
     """``(trigger, outcome)`` for the triggers metric."""
+    trigger_schedule: dict[str, datetime] = field(default_factory=dict)
+    """When the triggers look next, for the operator to remember and pass back
+    (``Observed.triggers.schedule``): the status has it only as of its last refresh."""
     promotions: list[str] = field(default_factory=list)
     """Promotion decisions made (for metrics)."""
     create: list[Manifest] = field(default_factory=list)
@@ -652,6 +655,7 @@ class _Planner:
         for type_, reason, message in decided.events:
             self.event(type_, reason, message)
         self.plan.trigger_counts += decided.counts
+        self.plan.trigger_schedule = decided.schedule
         if decided.wake_at is not None:
             self.plan.requeue((decided.wake_at - self.now).total_seconds())
         if decided.health is None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Literal
@@ -59,6 +60,11 @@ JITTER_FRACTION: Final = 0.1
 MAX_JITTER_SECONDS: Final = 60.0
 #: Scheduled times walked at most when the operator comes back after a long absence.
 MAX_CRON_STEPS: Final = 100_000
+#: A poll that changes nothing but its own times (and the drift value, while it stays on the same
+#: side of the threshold) is written to the status at most this often: a thousand jobs polling
+#: every minute must not write their status every minute. The operator keeps the exact schedule
+#: (``Observations.schedule``); after a restart the status' times are at most this old.
+STATUS_REFRESH_SECONDS: Final = 600.0
 
 Need = Literal["data", "rows", "drift", "watermark"]
 Outcome = Literal["fired", "queued", "coalesced", "skipped", "error"]
@@ -102,6 +108,9 @@ class Observations:
     """``(fingerprint, run)`` of the latest run's recorded listing, read back after a status loss."""
     watermark_read: bool = False
     """The recorded listing was looked for (``watermark`` may still be ``None``: none recorded)."""
+    schedule: Mapping[str, datetime] = field(default_factory=dict)
+    """When ``data`` and ``drift`` look next, as the operator remembers it (the status has it
+    only as of its last refresh, see :data:`STATUS_REFRESH_SECONDS`)."""
 
 
 @dataclass
@@ -123,6 +132,8 @@ class TriggerPlan:
     """The ``tuneloop.dev/retrain`` value handled (to record in ``status.annotations``)."""
     health: tuple[bool, str] | None = None
     """``(healthy, message)`` of the configured triggers; ``None`` when none is configured."""
+    schedule: dict[str, datetime] = field(default_factory=dict)
+    """When ``data`` and ``drift`` look next: for the operator to remember."""
 
     def wake(self, at: datetime | None) -> None:
         if at is not None and (self.wake_at is None or at < self.wake_at):
@@ -173,7 +184,8 @@ def evaluate(
     ``key`` identifies the job (polls are spread by it); ``has_runs``: a run exists (else no
     watermark can exist and nothing is compared); ``retrain_annotation`` is the annotation's
     value now and ``handled_annotation`` the last one acted on."""
-    plan = TriggerPlan(state=(state or TriggerStatus()).model_copy(deep=True))
+    before = state or TriggerStatus()
+    plan = TriggerPlan(state=before.model_copy(deep=True), schedule=dict(observed.schedule))
     fired: list[PendingTrigger] = []
     problems: list[str] = []
 
@@ -205,7 +217,35 @@ def evaluate(
     if plan.needs:
         return plan  # observe first: nothing is decided on half the facts
     _queue_and_start(retrain, plan, fired, now=now, active=active)
+    _quiet(before, plan.state, now=now)
     return plan
+
+
+def _due(stored: datetime | None, remembered: datetime | None) -> datetime | None:
+    """When a trigger looks next: the later of the status' time and the operator's own."""
+    times = [t for t in (stored, remembered) if t is not None]
+    return max(times) if times else None
+
+
+def _quiet(before: TriggerStatus, after: TriggerStatus, *, now: datetime) -> None:
+    """Keep a poll that changed nothing but its times (and a drift value still on the same side
+    of the threshold) out of the status until :data:`STATUS_REFRESH_SECONDS` have passed."""
+    new, old = after.new_data, before.new_data
+    if new is not None and old is not None and old.last_poll_time is not None:
+        fresh = (now - old.last_poll_time).total_seconds() < STATUS_REFRESH_SECONDS
+        volatile = {"last_poll_time": old.last_poll_time, "next_poll_time": old.next_poll_time}
+        if fresh and new.model_copy(update=volatile) == old:
+            after.new_data = old.model_copy()
+    drift, was = after.drift, before.drift
+    if drift is not None and was is not None and was.last_query_time is not None:
+        fresh = (now - was.last_query_time).total_seconds() < STATUS_REFRESH_SECONDS
+        same_side = (
+            drift.pending_since == was.pending_since
+            and (drift.value is None) == (was.value is None)
+            and drift.message.startswith("query failed") == was.message.startswith("query failed")
+        )
+        if fresh and same_side:
+            after.drift = was.model_copy()
 
 
 # --- new data -------------------------------------------------------------------------------
@@ -234,26 +274,28 @@ def _new_data(
     if state.next_poll_time is None and observed.data is None:
         # First sight: spread the first poll over the interval.
         state.next_poll_time = now + timedelta(seconds=jitter(key, interval))
-    due = state.next_poll_time is None or now >= state.next_poll_time
-    if due and observed.data is None:
+    next_poll = _due(state.next_poll_time, observed.schedule.get("data"))
+    if (next_poll is None or now >= next_poll) and observed.data is None:
         plan.needs.add("data")
         return
     data = observed.data
     if data is not None:
+        next_poll = _poll_after(now, interval, key)
+        plan.schedule["data"] = next_poll
         state.last_poll_time = now
-        state.next_poll_time = _poll_after(now, interval, key)
+        state.next_poll_time = next_poll
         if data.error is not None:
             state.message = f"cannot list the dataset: {data.error}"[:1024]
             problems.append(f"onNewData: {state.message}")
             plan.counts.append(("NewData", "error"))
-            plan.wake(state.next_poll_time)
+            plan.wake(next_poll)
             return
         state.objects = data.objects
         if data.fingerprint != state.fingerprint:
             state.fingerprint = data.fingerprint
             state.changed_time = now
             state.new_rows = None
-    plan.wake(state.next_poll_time)
+    plan.wake(next_poll)
     if state.fingerprint is None:
         return
     if state.watermark is None:
@@ -315,14 +357,16 @@ def _drift(
     interval, hold = _seconds(prom.poll_interval), _seconds(prom.for_)
     if state.next_query_time is None and observed.drift is None:
         state.next_query_time = now + timedelta(seconds=jitter(key + "/drift", min(interval, MAX_JITTER_SECONDS)))
-    due = now >= (state.next_query_time or now)
-    if due and observed.drift is None:
+    next_query = _due(state.next_query_time, observed.schedule.get("drift"))
+    if now >= (next_query or now) and observed.drift is None:
         plan.needs.add("drift")
         return
     sample = observed.drift
     if sample is not None:
+        next_query = _poll_after(now, interval, key + "/drift")
+        plan.schedule["drift"] = next_query
         state.last_query_time = now
-        state.next_query_time = _poll_after(now, interval, key + "/drift")
+        state.next_query_time = next_query
         if sample.error is not None or sample.value is None or not math.isfinite(sample.value):
             # No number, no proof that the drift held: the wait starts again with the next value.
             state.value = None
@@ -355,7 +399,7 @@ def _drift(
                         f"a run starts at {_at(until)} if every value until then is too"
                     )
                     plan.wake(until)
-    plan.wake(state.next_query_time)
+    plan.wake(next_query)
 
 
 # --- schedule -------------------------------------------------------------------------------

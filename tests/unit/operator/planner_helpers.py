@@ -18,7 +18,7 @@ from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.planner import Event, Observed, OutputView, Plan, PlannerSettings, parse_status, plan
 from tuneloop_operator.promotion import Candidate
-from tuneloop_operator.triggers import DataObservation, DriftObservation, RowObservation
+from tuneloop_operator.triggers import DataObservation, DriftObservation, Observations, RowObservation
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 IMAGE = "ghcr.io/tuneloop/trainer:0.1.0"
@@ -106,6 +106,8 @@ class World:
         self.pointers: list[PromotedPointer] = []
         """``promoted.json`` as written, in order."""
         self.index: list[dict[str, Any]] = []
+        self.schedule: dict[str, datetime] = {}
+        """The operator's memory of when the triggers look next (lost by :meth:`restart_operator`)."""
         self.listings: dict[int, str] = {}
         """Run → the listing fingerprint recorded when it started."""
 
@@ -119,6 +121,7 @@ class World:
             config_maps=[copy.deepcopy(c) for c in self.config_maps.values()],
             services=[copy.deepcopy(s) for s in self.services.values()],
             heartbeat=self.heartbeat,
+            triggers=Observations(schedule=dict(self.schedule)),
         )
 
     def output_view(self) -> OutputView:
@@ -200,6 +203,8 @@ class World:
             self.listings[the_plan.record_listing] = self.dataset_fingerprint
         if the_plan.pointer is not None:
             self.pointers.append(the_plan.pointer)
+        if the_plan.trigger_schedule:
+            self.schedule = dict(the_plan.trigger_schedule)
         self.index += the_plan.index
         for ref in the_plan.delete:
             self.deleted.append(f"{ref.kind}/{ref.name}")

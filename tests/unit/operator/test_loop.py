@@ -285,3 +285,16 @@ def test_queue_keeps_the_active_run() -> None:
     w.set_spec(hyperparameters={"epochs": 9})
     p = w.reconcile()
     assert p.delete == [] and w.status.current_run is not None and w.status.current_run.result is None
+
+
+def test_polling_that_finds_nothing_does_not_rewrite_the_status() -> None:
+    w = World(watched_job())
+    w.reconcile()
+    finish_run(w, 1, 0.9)
+    w.advance(660)  # more than STATUS_REFRESH_SECONDS after the last write: this poll is written
+    w.reconcile()
+    patches, polls = w.patches, w.requests.count("data")
+    w.advance(340)  # the next poll (every 5 minutes), within the refresh window, finds nothing new
+    w.reconcile()
+    assert w.requests.count("data") == polls + 1
+    assert w.patches == patches, "no status write for a poll that changed nothing"

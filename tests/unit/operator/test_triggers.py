@@ -321,3 +321,48 @@ def test_an_automatic_start_opens_the_cooldown() -> None:
     assert state is not None and state.last_automatic_start == T0
     manual = starting(TriggerStatus(), "Manual", now=T0)
     assert manual is not None and manual.last_automatic_start is None
+
+
+# --- quiet polls: the status is not rewritten for every poll ---------------------------------------
+
+
+def test_a_poll_that_changes_nothing_is_not_written_until_the_refresh() -> None:
+    spec = watched()
+    state = with_watermark("same")
+    first = polled(spec, state, T0, "same")
+    written = first.state.new_data
+    assert written is not None and written.last_poll_time == T0
+    schedule = first.schedule
+    assert schedule["data"] > T0 + timedelta(minutes=5) - timedelta(seconds=1)
+    later = T0 + timedelta(minutes=5, seconds=30)
+    second = run(
+        spec,
+        first.state,
+        later,
+        observed=Observations(schedule=schedule, data=DataObservation(fingerprint="same", objects=3)),
+    )
+    assert second.state.new_data == written, "nothing changed but the poll times: the status stays as it is"
+    assert second.schedule["data"] > later, "the operator remembers the real schedule"
+    # Between polls, the remembered schedule decides (the status' next time is in the past).
+    between = run(spec, second.state, later + timedelta(minutes=1), observed=Observations(schedule=second.schedule))
+    assert not between.needs
+    # After STATUS_REFRESH_SECONDS the times are written again.
+    much_later = T0 + timedelta(minutes=11)
+    third = run(
+        spec,
+        second.state,
+        much_later,
+        observed=Observations(schedule=second.schedule, data=DataObservation(fingerprint="same", objects=3)),
+    )
+    assert third.state.new_data is not None and third.state.new_data.last_poll_time == much_later
+
+
+def test_a_drift_value_on_the_same_side_is_not_written_until_the_refresh() -> None:
+    spec = drift_spec()
+    first = query(spec, TriggerStatus(), T0, 0.11)
+    again = run(spec, first.state, T0 + timedelta(minutes=1), observed=Observations(drift=DriftObservation(value=0.12)))
+    assert again.state.drift == first.state.drift
+    crossed = run(
+        spec, first.state, T0 + timedelta(minutes=2), observed=Observations(drift=DriftObservation(value=0.9))
+    )
+    assert crossed.state.drift is not None and crossed.state.drift.pending_since == T0 + timedelta(minutes=2)
