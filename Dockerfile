@@ -1,4 +1,5 @@
-# The operator image: Python 3.11 + tuneloop[operator] (Kopf, aiohttp, boto3, prometheus-client).
+# The operator image: Python 3.11 + tuneloop[operator] (Kopf, aiohttp, boto3, prometheus-client, pyarrow for
+# Parquet row counts of new data, tzdata for schedules in a time zone).
 # No torch stack: the operator never imports it (import-linter contract in pyproject.toml).
 # Build from the repository root:  docker build -t ghcr.io/tuneloop/operator:0.1.0 .
 # Pinned base (Debian 13 "trixie" slim); bump deliberately, together with constraints.txt.
