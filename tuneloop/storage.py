@@ -255,7 +255,15 @@ class NotFoundError(StorageError):
 
 
 class UnsafeKeyError(StorageError, ValueError):
-    """A key or name could escape the prefix or directory it is meant to stay under."""
+    """A key or name could escape the prefix or directory it is meant to stay under.
+
+    ``key`` is the refused key, shown repr-escaped and bounded, and ``problem`` why (``it has a
+    '..' segment``), when a key was refused: callers can say so without the paths in the message."""
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.problem = problem
 
 
 class InvalidUriError(StorageError, ValueError):
@@ -374,8 +382,10 @@ def _check_relative_key(key: object, *, context: str) -> str:
     for variant in variants:
         problem = _key_problem(variant)
         if problem:
-            encoded = " once percent-decoded" if variant is not key else ""
-            raise UnsafeKeyError(f"{context}: refusing key {_show(key)}: {problem}{encoded}; use a plain relative name")
+            why = problem + (" once percent-decoded" if variant is not key else "")
+            raise UnsafeKeyError(
+                f"{context}: refusing key {_show(key)}: {why}; use a plain relative name", key=_show(key), problem=why
+            )
     return key
 
 
@@ -504,7 +514,11 @@ def _plan_local_paths(infos: Sequence[ObjectInfo], dest_dir: Path, *, uri: str) 
         key = _check_relative_key(info.key, context=f"downloading {uri} into {dest_dir}")
         target = dest_dir.joinpath(*key.split("/"))
         if not target.resolve().is_relative_to(root):  # e.g. a symlink inside dest_dir
-            raise UnsafeKeyError(f"downloading {uri}: refusing key {_show(key)}: it resolves outside {dest_dir}")
+            raise UnsafeKeyError(
+                f"downloading {uri}: refusing key {_show(key)}: it resolves outside {dest_dir}",
+                key=_show(key),
+                problem="it resolves outside the download folder",
+            )
         plan.append((info, target))
     return plan
 

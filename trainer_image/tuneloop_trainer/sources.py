@@ -8,7 +8,6 @@ errors do not name the spec field: one fetch serves every data source, and the c
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 from tuneloop.api.spec import Storage as StorageSettings
@@ -27,15 +26,10 @@ _SAFE_KEYS_HINT = (
 
 def unsafe_object_key(exc: UnsafeKeyError, uri: str) -> str:
     """``object key '<key>' under <uri> (<why>)`` from the storage layer's refusal, without the
-    local paths it names (the key is repr-escaped and bounded there)."""
-    _, found, rest = str(exc).partition("refusing key ")
-    if not found:
+    local paths its message names (the key is repr-escaped and bounded there)."""
+    if exc.key is None or exc.problem is None:
         return f"an object key under {uri} (it is not a plain relative name)"
-    key, found, why = rest.removesuffix("; use a plain relative name").rpartition(": it ")
-    if not found:
-        return f"an object key under {uri} (it is not a plain relative name)"
-    why = re.sub(r"resolves outside .*$", "resolves outside the download folder", why)
-    return f"object key {key} under {uri} (it {why})"
+    return f"object key {exc.key} under {uri} ({exc.problem})"
 
 
 class Sources:
