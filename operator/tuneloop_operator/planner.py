@@ -458,8 +458,7 @@ def _failed_gates(summary: Mapping[str, Any]) -> list[str]:
         if isinstance(gate, Mapping) and gate.get("passed") is False:
             value = gate.get("value")
             shown = f"{value:.4g}" if isinstance(value, int | float) else "n/a"
-            detail = gate.get("detail") or gate.get("message")
-            out.append(f"{gate.get('metric')}={shown}" + (f" ({detail})" if isinstance(detail, str) and detail else ""))
+            out.append(f"{gate.get('metric')}={shown}")
     return out
 
 
@@ -776,19 +775,7 @@ class _Planner:
     def candidate_of(self, run: int) -> promo.Candidate | None:
         """A finished run as a promotion candidate, from the status' run history."""
         record = next((r for r in self.status.runs if r.number == run), None)
-        if record is None:
-            return None
-        return promo.Candidate(
-            run=record.number,
-            trigger=record.trigger,
-            result=record.result,
-            reason=record.reason or "",
-            message=record.message,
-            model_uri=record.model_uri,
-            metrics=record.metrics,
-            promoted_metrics=record.promoted_metrics,
-            data_fingerprint=record.data_fingerprint,
-        )
+        return promo.Candidate.of(record) if record is not None else None
 
     def apply_promotion(self, run: int, outcome: promo.PromotionOutcome) -> None:
         """Record a promotion decision: the run's record, ``status.promoted`` and the pointer to
@@ -1376,42 +1363,30 @@ class _Planner:
             self.cond(ConditionType.FAILED, "True", reason, text)
             self.event("Warning", reason, text)
         if result != "Superseded":
-            self.promote_or_not(job, current, record, summary, message)
+            self.promote_or_not(job, record, summary)
 
-    def promote_or_not(
-        self, job: FineTuneJob, current: CurrentRun, record: RunRecord, summary: Mapping[str, Any], message: str
-    ) -> None:
+    def promote_or_not(self, job: FineTuneJob, record: RunRecord, summary: Mapping[str, Any]) -> None:
         """The promotion decision for a run that just ended (:func:`tuneloop_operator.promotion.decide`)."""
-        result, reason, metrics, model_uri = record.result, record.reason or "", record.metrics, record.model_uri
-        promoted_metrics = record.promoted_metrics
         promoted_run = summary.get("promotedRun")
-        candidate = promo.Candidate(
-            run=current.number,
-            trigger=current.trigger,
-            result=result,
-            reason=reason,
-            message=message,
-            model_uri=model_uri,
-            metrics=metrics,
+        candidate = promo.Candidate.of(
+            record,
             promoted_run=promoted_run if isinstance(promoted_run, int) and promoted_run >= 1 else None,
-            promoted_metrics=promoted_metrics,
-            data_fingerprint=record.data_fingerprint,
             failed_gates=_failed_gates(summary),
         )
-        if self.status.awaiting_approval is not None and result == "Succeeded":
+        if self.status.awaiting_approval is not None and record.result == "Succeeded":
             older = self.status.awaiting_approval.run
             self.status.awaiting_approval = None
             superseded = promo.PromotionOutcome(
                 decision=PromotionDecision(
                     decision="NotPromoted",
-                    reason=f"superseded by run {current.number} before it was approved",
+                    reason=f"superseded by run {record.number} before it was approved",
                     by="gates",
                     time=self.now,
                 )
             )
             self.apply_promotion(older, superseded)
         self.apply_promotion(
-            current.number,
+            record.number,
             promo.decide(
                 candidate,
                 job.spec.promotion,

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 from tuneloop.api.spec import Promotion as PromotionSpec
-from tuneloop.api.status import AwaitingApproval, Promoted, PromotionDecision, Reason, RunTrigger
+from tuneloop.api.status import AwaitingApproval, Promoted, PromotionDecision, Reason, RunRecord, RunTrigger
 from tuneloop.contract import PromotedPointer
 
 ANNOTATION_APPROVE: Final = "tuneloop.dev/approve"
@@ -51,6 +51,23 @@ class Candidate:
     data_fingerprint: str | None = None
     failed_gates: Sequence[str] = ()
     """The gates that did not pass, in words (from the trainer's summary)."""
+
+    @classmethod
+    def of(cls, record: RunRecord, *, promoted_run: int | None = None, failed_gates: Sequence[str] = ()) -> Candidate:
+        """A finished run, from its record in the status."""
+        return cls(
+            run=record.number,
+            trigger=record.trigger,
+            result=record.result,
+            reason=record.reason or "",
+            message=record.message,
+            model_uri=record.model_uri,
+            metrics=record.metrics,
+            promoted_run=promoted_run,
+            promoted_metrics=record.promoted_metrics,
+            data_fingerprint=record.data_fingerprint,
+            failed_gates=failed_gates,
+        )
 
 
 @dataclass
