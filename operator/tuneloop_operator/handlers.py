@@ -200,8 +200,8 @@ class Runtime:
         the_plan = plan(observed, self.planner)
         # The planner asks before it decides what depends on storage or monitoring: who owns the
         # output (a run would start), the dataset listing, new rows, the drift query, a pinned run.
+        job = parse_job(body)[0] if the_plan.needs else None
         for _ in range(4):
-            job, _ = parse_job(body)
             if not the_plan.needs or job is None:
                 break
             observed = await self.observer.observe(key, job, observed, the_plan.needs)
@@ -261,8 +261,7 @@ class Runtime:
         """Claim the output prefix and the run number before anything of the run exists; a
         claim lost to a race since the prefix was read aborts the plan (the next reconcile
         reads it again and numbers the run after the winner's, or reports the new owner)."""
-        claim = the_plan.claim
-        job, _ = parse_job(body)
+        claim, job = the_plan.claim, the_plan.job
         if claim is None or job is None:
             return
         try:
@@ -277,10 +276,8 @@ class Runtime:
     async def _write_lineage(self, key: Key, body: Mapping[str, Any], the_plan: Plan) -> None:
         """What the plan records in storage before the status says so: the dataset listing a run
         starts with, ``promoted.json``, the lineage index. A failure aborts the plan (retried)."""
-        if the_plan.record_listing is None and the_plan.pointer is None and not the_plan.index:
-            return
-        job, _ = parse_job(body)
-        if job is None:
+        job = the_plan.job
+        if job is None or (the_plan.record_listing is None and the_plan.pointer is None and not the_plan.index):
             return
         try:
             listing = self.observer.listing(key)

@@ -195,6 +195,9 @@ class Plan:
     events."""
 
     status: FineTuneJobStatus
+    job: FineTuneJob | None = None
+    """The job whose output the executor writes to (claims, listing, pointer, index): the live
+    job, or the spec a run started with when the live spec is invalid."""
     claim: OutputClaim | None = None
     """Claim the output prefix and this run number before creating anything."""
     needs: set[str] = field(default_factory=set)
@@ -731,6 +734,7 @@ class _Planner:
 
     def decisions(self, job: FineTuneJob) -> None:
         """Approvals, rejections and a pinned run: promotion decisions made outside a run's end."""
+        self.plan.job = job
         annotations = (self.obs.body.get("metadata") or {}).get("annotations") or {}
         handled = self.status.annotations or HandledAnnotations()
         awaiting = self.status.awaiting_approval
@@ -976,6 +980,7 @@ class _Planner:
         last = self.status.current_run.number if self.status.current_run is not None else 0
         number = max(last, view.highest_run) + 1
         self.plan.claim = OutputClaim(identity=me, run=number, spec_hash=spec_hash(job), continue_lineage=lineage)
+        self.plan.job = job
         if view.owner is not None and not view.owner.owner.same_job(me):
             self.event(
                 "Normal",
@@ -1339,6 +1344,7 @@ class _Planner:
         if headline is not None:
             self.status.metric = headline
         self.plan.finished = (result, reason)
+        self.plan.job = job
         self.plan.index.append(
             {"event": "finished", **record.model_dump(mode="json", by_alias=True, exclude_none=True)}
         )

@@ -298,3 +298,19 @@ def test_polling_that_finds_nothing_does_not_rewrite_the_status() -> None:
     w.reconcile()
     assert w.requests.count("data") == polls + 1
     assert w.patches == patches, "no status write for a poll that changed nothing"
+
+
+def test_a_run_ending_while_the_spec_is_invalid_writes_its_promotion_with_the_spec_it_ran() -> None:
+    """The executor writes promoted.json with the job the plan names (the stored spec when the live
+    one is invalid): before, it re-parsed the live body and silently skipped the write."""
+    w = World(job_manifest())
+    w.reconcile()
+    w.start("job-r1-a1-n0")
+    w.reconcile()
+    w.set_spec(promotion={"gates": [{"metric": "bleu", "min": 0.3}]})  # invalid for classification
+    w.reconcile()
+    w.succeed("job-r1-a1-n0", summary(1, 0.9))
+    p = w.reconcile()
+    assert p.pointer is not None and p.pointer.run == 1
+    assert p.job is not None and p.job.spec.output.uri == "s3://model-bucket/out/"
+    assert w.condition(ConditionType.FAILED).reason == Reason.INVALID_SPEC
