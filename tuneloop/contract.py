@@ -221,6 +221,11 @@ def _significant(value: float | None, digits: int) -> float | None:
     return None if value is None else float(f"{value:.{digits}g}")
 
 
+#: The data files the trainer reads under a dataset prefix, and the operator's new-data trigger
+#: lists and counts (case-insensitive suffixes).
+DATA_SUFFIXES: Final = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
 PROMOTED_FORMAT: Final = "tuneloop-promoted/1"
 
 

@@ -14,7 +14,7 @@ Two questions, each answered without downloading anything that did not change:
 
 What counts as a row follows the trainer's readers (``tuneloop_trainer.data.loading``):
 
-* Only data files count: keys ending in one of :data:`DATA_SUFFIXES` (case-insensitive), as the
+* Only data files count: keys ending in one of :data:`tuneloop.contract.DATA_SUFFIXES` (case-insensitive), as the
   trainer picks them from a prefix.
 * JSON lines (``.jsonl``, and ``.json`` unless it holds one array): lines that are not blank.
   A ``.json`` file whose first character is ``[``: the elements of that array. Streamed.
@@ -60,6 +60,7 @@ from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import IO, Any, Final
 
+from tuneloop.contract import DATA_SUFFIXES
 from tuneloop.storage import NotFoundError, PreconditionFailedError, Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ __all__ = [
     "RowCount",
 ]
 
-#: The data files the trainer reads from a prefix (``tuneloop_trainer.sources.DATA_SUFFIXES``).
-DATA_SUFFIXES: Final = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 #: The ``format`` of a serialized :class:`Listing` (``runs/<n>/data-listing.json``).
 LISTING_FORMAT: Final = "tuneloop-data-listing/1"
 #: Hex digits of a listing's fingerprint (128 bits).

@@ -11,10 +11,10 @@ import hashlib
 from pathlib import Path
 
 from tuneloop.api.spec import Storage as StorageSettings
+from tuneloop.contract import DATA_SUFFIXES
 from tuneloop.storage import NotFoundError, Storage, UnsafeKeyError
 from tuneloop_trainer.errors import InvalidDataError, UnsupportedModelError
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 #: Written into a model's cache directory once every object is downloaded: a download cut
 #: short (a preempted pod) leaves a directory without it, which the next attempt repeats.
 MODEL_COMPLETE_MARKER = ".tuneloop-complete"
