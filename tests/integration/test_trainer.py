@@ -230,11 +230,14 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_job(m: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """`tuneloop run job.yaml`, as a user types it (termination message to tmp_path/termination-log)."""
+def run_job(
+    m: dict[str, Any], tmp_path: Path, *, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`tuneloop run job.yaml`, as a user types it (termination message to tmp_path/termination-log;
+    ``env`` adds to the environment)."""
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(m))
-    env = {**os.environ, "TUNELOOP_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    env = {**os.environ, "TUNELOOP_TERMINATION_LOG": str(tmp_path / "termination-log"), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "tuneloop", "run", str(job)],
         capture_output=True,

@@ -5,20 +5,17 @@ beyond the model's positions is clamped with a visible warning instead of crashi
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.integration import test_trainer as trainer_tests
 from tests.integration.test_trainer import WORDS, manifest, rows_for, write_jsonl
-from tests.manifests import ROOT
 from tuneloop.api import FineTuneJob
 from tuneloop.contract import ExitCode
 from tuneloop_trainer.progress import Sinks
@@ -29,22 +26,7 @@ pytestmark = pytest.mark.integration
 
 def run_job(m: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """`tuneloop run job.yaml` with its own cache (S3 downloads) and termination log under tmp_path."""
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    env = {
-        **os.environ,
-        "TUNELOOP_TERMINATION_LOG": str(tmp_path / "termination-log"),
-        "TUNELOOP_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "tuneloop", "run", str(job)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-        env=env,
-    )
+    return trainer_tests.run_job(m, tmp_path, env={"TUNELOOP_CACHE_DIR": str(tmp_path / "cache")})
 
 
 def assert_one_line_failure(result: Any, tmp_path: Path, code: ExitCode, reason: str) -> str:
