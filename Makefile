@@ -39,9 +39,13 @@ unit: setup
 crd: setup
 	$(VENV)/bin/tuneloop crd
 
+# The header comment, the dev venv's pins, then the image-only section (from its marker line to the
+# end: pins of packages this venv never installs, such as bitsandbytes) carried over unchanged.
 constraints: setup
-	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.txt.new
-	@echo "review constraints.txt.new (keep the header comment), then move it over constraints.txt"
+	sed -n '/^#/!q;p' constraints.txt > constraints.txt.new
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' >> constraints.txt.new
+	sed -n '/^# Image-only pins/,$$p' constraints.txt >> constraints.txt.new
+	@echo "review constraints.txt.new, then move it over constraints.txt"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
