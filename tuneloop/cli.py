@@ -2,7 +2,7 @@
 
     tuneloop validate FILE...   check FineTuneJob manifests (exit 0 when all are valid)
     tuneloop run JOB.yaml       fine-tune locally (the trainer, in a child process)
-    tuneloop crd [--check]      regenerate (or check) crds/ and docs/api.md from the models
+    tuneloop crd [--check]      regenerate (or check) crds/, the chart's crds/ and docs/api.md from the models
 
 Exit codes of ``validate``: 0 all valid, 1 some manifest is invalid, 2 a file could not
 be read as YAML (missing, too large, malformed, a key written twice).
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", type=int, help="run number (default: the next free one)")
     run.set_defaults(func=_cmd_run)
 
-    crd = sub.add_parser("crd", help="generate crds/ and docs/api.md from the API models")
+    crd = sub.add_parser("crd", help="generate crds/ (and the Helm chart's copy) and docs/api.md from the API models")
     crd.add_argument("--root", default=".", help="repository root (default: .)")
     crd.add_argument("--check", action="store_true", help="fail if the committed files are out of date")
     crd.set_defaults(func=_cmd_crd)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -67,6 +68,10 @@ TERMINATION_MESSAGE_MAX_BYTES: Final = 4096
 LIFECYCLE_FIELDS: Final = frozenset(
     {"suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "retrain"}
 )
+#: Fields of ``spec.resources`` that say where the pods run, not what they train: a queue such as
+#: Kueue sets them on admission (a ResourceFlavor's node labels and taints), and a job suspended
+#: and admitted again elsewhere resumes the same run from its checkpoint on the new nodes.
+PLACEMENT_FIELDS: Final = frozenset({"nodeSelector", "tolerations"})
 #: Nested spec fields (wire names) that do not change what a run trains either.
 _NOT_TRAINED: Final = (
     ("output", "continueLineage"),
@@ -76,18 +81,42 @@ _NOT_TRAINED: Final = (
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
-    """Hash of what a run trains: the spec without :data:`LIFECYCLE_FIELDS` (16 hex digits).
+    """Hash of what a run trains: the spec without :data:`LIFECYCLE_FIELDS`, placement
+    (:data:`PLACEMENT_FIELDS`) and a few nested fields that steer runs (16 hex digits).
 
     The operator stores it with each run (a changed hash means a new run); the trainer writes it
     into each checkpoint and resumes only checkpoints with its own hash. Values equal to their
     defaults are left out, so that a field added to the API later (with a default that keeps
     today's behaviour) does not change the hash of every existing job."""
+    wire = _trained(spec)
+    resources = wire.get("resources")
+    if isinstance(resources, dict):
+        rest = {k: v for k, v in resources.items() if k not in PLACEMENT_FIELDS}
+        if rest:
+            wire["resources"] = rest
+        else:
+            del wire["resources"]  # only placement: hashes as no ``resources`` at all
+    return _digest(wire)
+
+
+def spec_hashes(spec: FineTuneJobSpec) -> frozenset[str]:
+    """Every hash a run of this spec may have been recorded under: :func:`spec_hash`, and the
+    hash of 0.1 operators, which counted placement as trained. The operator compares recorded
+    hashes with these, so that an upgrade does not retrain every job that sets a nodeSelector."""
+    return frozenset({spec_hash(spec), _digest(_trained(spec))})
+
+
+def _trained(spec: FineTuneJobSpec) -> dict[str, Any]:
     full = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
     wire = {k: v for k, v in full.items() if k not in LIFECYCLE_FIELDS}
     for parent, child in _NOT_TRAINED:
         section = wire.get(parent)
         if isinstance(section, dict):
             wire[parent] = {k: v for k, v in section.items() if k != child}
+    return wire
+
+
+def _digest(wire: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
 
 

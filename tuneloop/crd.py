@@ -1,7 +1,8 @@
 """Generate the FineTuneJob CRD (and the API reference) from the pydantic models.
 
-``python -m tuneloop.crd`` (or ``tuneloop crd``) rewrites ``crds/finetunejobs.tuneloop.dev.yaml``
-and ``docs/api.md``; a test fails when the committed files drift from the models.
+``python -m tuneloop.crd`` (or ``tuneloop crd``) rewrites ``crds/finetunejobs.tuneloop.dev.yaml``,
+its copy in the Helm chart (``helm/tuneloop/crds/``) and ``docs/api.md``; ``--check`` and a test
+fail when a committed file drifts from the models.
 
 Plain pydantic JSON Schema is not a *structural* schema, which the API server requires.
 :func:`structural` turns one into the other: ``$ref`` inlined, ``title`` dropped,
@@ -46,6 +47,8 @@ from tuneloop.api import (
 from tuneloop.api.spec import TASK_METRICS
 
 CRD_FILENAME: Final = f"{PLURAL}.{GROUP}.yaml"
+#: The copy in the Helm chart, relative to the repository root.
+HELM_CRD_PATH: Final = Path("helm", "tuneloop", "crds", CRD_FILENAME)
 Schema = dict[str, Any]
 
 
@@ -390,7 +393,7 @@ PRINTER_COLUMNS: Final = [
         "name": "Promoted",
         "type": "integer",
         "jsonPath": ".status.promoted.run",
-        "description": "The run whose model is promoted (Ready means there is one).",
+        "description": "The run whose model is promoted (empty: no model yet).",
     },
     {
         "name": "Metric",
@@ -455,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path(), help="repository root (default: .)")
     parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
     args = parser.parse_args(argv)
+    crd_text = render_crd()
     outputs = {
-        args.root / "crds" / CRD_FILENAME: render_crd(),
+        args.root / "crds" / CRD_FILENAME: crd_text,
+        # The Helm chart installs the same CRD from its own crds/ folder (Helm reads no file outside the chart).
+        args.root / HELM_CRD_PATH: crd_text,
         args.root / "docs" / "api.md": render_api_reference(),
     }
     stale = [path for path, text in outputs.items() if not path.exists() or path.read_text() != text]

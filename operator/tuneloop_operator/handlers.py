@@ -39,7 +39,7 @@ from tuneloop.storage import StorageError
 from tuneloop_operator.conditions import status_patch
 from tuneloop_operator.heartbeat import HeartbeatError, HeartbeatReader
 from tuneloop_operator.kube import ApiError, EventSpec, KubeClient
-from tuneloop_operator.metrics import OperatorMetrics
+from tuneloop_operator.metrics import SUPPRESSED_OUTCOMES, OperatorMetrics
 from tuneloop_operator.observe import Observer
 from tuneloop_operator.outputs import JobStorage, OutputAccess, StorageAccessError
 from tuneloop_operator.planner import (
@@ -89,7 +89,8 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: OperatorSettings, kube: KubeClient) -> Runtime:
-        storages = JobStorage(kube)
+        defaults = settings.trainer_defaults()
+        storages = JobStorage(kube, defaults)
         metrics = OperatorMetrics()
         outputs = OutputAccess(storages)
         return cls(
@@ -106,6 +107,7 @@ class Runtime:
                 max_preemptions=settings.max_preemptions,
                 stuck_terminating_seconds=settings.stuck_terminating_seconds,
                 metrics_port=settings.trainer_metrics_port,
+                trainer_defaults=defaults,
             ),
         )
 
@@ -122,6 +124,7 @@ class Runtime:
         self.observer.forget(key)
         self.locks.pop(key, None)
         self.metrics.jobs.forget(*key)
+        self.metrics.job_series.forget(*key)
 
     # -- triggering --
 
@@ -300,6 +303,7 @@ class Runtime:
     def _account(self, key: Key, the_plan: Plan) -> None:
         status = the_plan.status
         self.metrics.jobs.set(*key, status.phase)
+        self.metrics.job_series.set(*key, status)
         current = status.current_run
         if current is not None and current.result is None:
             self.active.add(key)
@@ -310,12 +314,20 @@ class Runtime:
             self.metrics.runs_started.labels(trigger=current.trigger).inc()
         if the_plan.finished is not None:
             result, reason = the_plan.finished
+            # The finished run's record is the newest of status.runs (a Replace may already have started the next).
+            record = status.runs[-1] if status.runs else None
+            trigger: str = (
+                record.trigger if record is not None else current.trigger if current is not None else "Created"
+            )
+            self.metrics.runs_finished.labels(trigger=trigger, result=result).inc()
             if result == "Succeeded":
                 self.metrics.runs_succeeded.inc()
             else:
                 self.metrics.runs_failed.labels(reason=reason).inc()
         for trigger, outcome in the_plan.trigger_counts:
             self.metrics.triggers.labels(trigger=trigger, outcome=outcome).inc()
+            if outcome in SUPPRESSED_OUTCOMES:
+                self.metrics.job_series.suppressed(*key, trigger)
         for decision in the_plan.promotions:
             self.metrics.promotions.labels(decision=decision).inc()
         if the_plan.retried:
@@ -370,9 +382,13 @@ def configure(settings: kopf.OperatorSettings, config: OperatorSettings) -> None
     # Kopf's own log lines become Events only from WARNING up; ours are posted explicitly.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "tuneloop-operator"
-    # One replica (Recreate), no peering objects needed; see deploy/README.md for more replicas.
+    # One replica (Recreate), no peering objects needed; docs/install.md says what more replicas take.
     settings.peering.standalone = True
     settings.peering.mandatory = False
+    # Listed namespaces are served as named: no cluster-wide scan of namespaces and CRDs (Kopf's
+    # observers), so the namespaced RBAC mode needs no cluster-scoped permission at all. The cost:
+    # a change of the CRD's versions is noticed at the next start.
+    settings.scanning.disabled = bool(config.namespaces)
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -1,8 +1,17 @@
-"""The operator's Prometheus metrics (``tuneloop_operator_*``), in a registry of their own."""
+"""The operator's Prometheus metrics (``tuneloop_operator_*``), in a registry of their own.
+
+Two kinds: operator-wide counters and histograms (runs, retries, reconciles, triggers...), and
+per-job series (``tuneloop_operator_job_*``, labels ``namespace`` and ``finetunejob``) computed
+from the status each reconcile of the job ends with, for alerts and dashboards that name the job.
+The per-job series of a deleted job disappear with it; none carries a run or attempt label, so a
+job costs a bounded number of series however often it retrains.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from threading import Lock
 from typing import Any, Final, get_args
 
@@ -10,9 +19,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tuneloop.api.status import Phase
+from tuneloop.api.status import FineTuneJobStatus, Phase
 
 PHASES: Final[tuple[Phase, ...]] = get_args(Phase)
+#: Phases in which the job's trainer is expected to write heartbeats.
+TRAINER_PHASES: Final[frozenset[str]] = frozenset({"Validating", "Running", "Evaluating"})
+#: Trigger outcomes that did not start a run when they fired (waiting, or joined one waiting).
+SUPPRESSED_OUTCOMES: Final[frozenset[str]] = frozenset({"queued", "coalesced"})
+JOB_LABELS: Final = ("namespace", "finetunejob")
 
 
 class _JobsByPhase(Collector):
@@ -42,6 +56,141 @@ class _JobsByPhase(Collector):
         yield family
 
 
+def _latest(*times: datetime | None) -> datetime | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """What the per-job series say about one job, taken from its status."""
+
+    phase: str
+    conditions: tuple[tuple[str, str, str], ...] = ()
+    """``(type, status, reason)`` of each condition."""
+    current_run: int | None = None
+    promoted_run: int | None = None
+    progress_ratio: float | None = None
+    """Steps done / steps planned of the active run, once the trainer said both."""
+    alive_since: datetime | None = None
+    """While the trainer of an active run is expected to write heartbeats: the later of its latest
+    heartbeat and the start of the current attempt (a new attempt starts the clock again)."""
+    awaiting_since: datetime | None = None
+    """Since when a candidate waits for approval."""
+
+    @classmethod
+    def of(cls, status: FineTuneJobStatus) -> JobSnapshot:
+        phase = status.phase or "Pending"
+        current = status.current_run
+        active = current is not None and current.result is None
+        ratio = None
+        alive_since = None
+        if current is not None and active:
+            progress = current.progress
+            if progress is not None and progress.total_steps:
+                ratio = min(1.0, progress.step / progress.total_steps)
+            if phase in TRAINER_PHASES and current.retry_after is None and current.suspended_since is None:
+                attempt = current.history[-1].start_time if current.history else None
+                beat = progress.last_updated_time if progress is not None else None
+                alive_since = _latest(beat, attempt, current.start_time)
+        awaiting = status.awaiting_approval
+        awaiting_since = None
+        if awaiting is not None:
+            promoted = next((c for c in status.conditions if c.type == "Promoted"), None)
+            awaiting_since = awaiting.since or (promoted.last_transition_time if promoted is not None else None)
+        return cls(
+            phase=phase,
+            conditions=tuple((c.type, c.status, c.reason) for c in status.conditions),
+            current_run=current.number if current is not None else None,
+            promoted_run=status.promoted.run if status.promoted is not None else None,
+            progress_ratio=ratio,
+            alive_since=alive_since,
+            awaiting_since=awaiting_since,
+        )
+
+
+class _JobSeries(Collector):
+    """``tuneloop_operator_job_*``: one job's state as of its latest reconcile.
+
+    Ages are computed when scraped, from the times in the status (the heartbeat's own
+    ``lastUpdatedTime``, the attempt's start, ``awaitingApproval.since``)."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self.clock = clock
+        self._jobs: dict[tuple[str, str], JobSnapshot] = {}
+        self._suppressed: dict[tuple[str, str], dict[str, int]] = {}
+        self._lock = Lock()
+
+    def set(self, namespace: str, name: str, status: FineTuneJobStatus) -> None:
+        snapshot = JobSnapshot.of(status)
+        with self._lock:
+            self._jobs[(namespace, name)] = snapshot
+
+    def suppressed(self, namespace: str, name: str, trigger: str) -> None:
+        """A trigger of the job fired and did not start a run (queued or coalesced)."""
+        with self._lock:
+            counts = self._suppressed.setdefault((namespace, name), {})
+            counts[trigger] = counts.get(trigger, 0) + 1
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._jobs.pop((namespace, name), None)
+            self._suppressed.pop((namespace, name), None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        def gauge(name: str, doc: str, *extra: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"tuneloop_operator_job_{name}", doc, labels=[*JOB_LABELS, *extra])
+
+        phase = gauge("phase", "1 for the job's current phase, 0 for the others.", "phase")
+        condition = gauge(
+            "condition", "1 for each condition of the job, with its status and reason.", "condition", "status", "reason"
+        )
+        current_run = gauge("current_run", "Number of the job's current (or latest) run.")
+        promoted_run = gauge("promoted_run", "Run whose model is promoted; absent while none is.")
+        progress = gauge("progress_ratio", "Steps done / steps planned of the active run (0..1).")
+        heartbeat = gauge(
+            "heartbeat_age_seconds",
+            "While the active run's trainer should be writing heartbeats (phase Validating, Running, "
+            "Evaluating): seconds since the latest heartbeat the operator read, or since the current "
+            "attempt started if later.",
+        )
+        awaiting = gauge("awaiting_approval_seconds", "Seconds a candidate has waited for approval; absent otherwise.")
+        suppressed = CounterMetricFamily(
+            "tuneloop_operator_job_triggers_suppressed",
+            "Retraining triggers of the job that fired without starting a run (queued behind the active run "
+            "or the cooldown, or coalesced into one already waiting), by trigger.",
+            labels=[*JOB_LABELS, "trigger"],
+        )
+        now = self.clock()
+        with self._lock:
+            jobs = sorted(self._jobs.items())
+            counts = sorted((key, dict(value)) for key, value in self._suppressed.items())
+        for (namespace, name), job in jobs:
+            labels = [namespace, name]
+            for each in PHASES:
+                phase.add_metric([*labels, each], 1.0 if job.phase == each else 0.0)
+            for type_, status, reason in job.conditions:
+                condition.add_metric([*labels, type_, status, reason], 1.0)
+            if job.current_run is not None:
+                current_run.add_metric(labels, job.current_run)
+            if job.promoted_run is not None:
+                promoted_run.add_metric(labels, job.promoted_run)
+            if job.progress_ratio is not None:
+                progress.add_metric(labels, job.progress_ratio)
+            if job.alive_since is not None:
+                heartbeat.add_metric(labels, max(0.0, (now - job.alive_since).total_seconds()))
+            if job.awaiting_since is not None:
+                awaiting.add_metric(labels, max(0.0, (now - job.awaiting_since).total_seconds()))
+        for (namespace, name), by_trigger in counts:
+            for trigger, count in sorted(by_trigger.items()):
+                suppressed.add_metric([namespace, name, trigger], count)
+        yield from (phase, condition, current_run, promoted_run, progress, heartbeat, awaiting, suppressed)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class _DataWatchCounters(Collector):
     def __init__(self, stats: Any) -> None:
         self.stats = stats
@@ -61,17 +210,26 @@ class _DataWatchCounters(Collector):
 class OperatorMetrics:
     """Every metric the operator exports."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, clock: Callable[[], datetime] = _utc_now) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.jobs = _JobsByPhase()
         r.register(self.jobs)
+        self.job_series = _JobSeries(clock)
+        r.register(self.job_series)
         self.runs_started = Counter(
             "tuneloop_operator_runs_started", "Runs started, by trigger.", ["trigger"], registry=r
         )
         self.runs_succeeded = Counter("tuneloop_operator_runs_succeeded", "Runs that succeeded.", registry=r)
         self.runs_failed = Counter(
             "tuneloop_operator_runs_failed", "Runs that failed, by reason.", ["reason"], registry=r
+        )
+        self.runs_finished = Counter(
+            "tuneloop_operator_runs_finished",
+            "Runs that ended, by what started them (Created, SpecChange, NewData, Drift, Schedule, Manual) and "
+            "result (Succeeded, Failed, GateFailed, Superseded, Cancelled).",
+            ["trigger", "result"],
+            registry=r,
         )
         self.retries = Counter(
             "tuneloop_operator_retries", "Attempts retried after a retryable trainer failure.", registry=r

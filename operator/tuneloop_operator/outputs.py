@@ -4,7 +4,8 @@ created (:mod:`tuneloop.ownership`).
 
 The job's S3 credentials are read from the Secret ``spec.storage.secretRef`` names, held in
 memory only for the client, and never logged or written anywhere; without a secretRef the
-operator's own identity applies (botocore's standard chain: IRSA, instance profile...). The
+platform's default Secret (``TUNELOOP_DEFAULT_STORAGE_SECRET``) is read the same way, and
+without either the operator's own identity applies (botocore's standard chain: IRSA, instance profile...). The
 operator reads heartbeats and writes two small objects per job and run (``owner.json``,
 ``runs/<n>/run.json``): its identity needs ``s3:GetObject``, ``s3:PutObject`` and
 ``s3:ListBucket`` on the output prefixes.
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from tuneloop.api import FineTuneJob
+from tuneloop.api.spec import Storage as StorageSettings
 from tuneloop.contract import Layout, PromotedPointer
 from tuneloop.ownership import claim_output, claim_run, highest_run, read_owner
 from tuneloop.storage import NotFoundError, PreconditionFailedError, Storage, StorageError, safe_join
@@ -28,7 +30,7 @@ from tuneloop_operator.datawatch import Listing
 from tuneloop_operator.kube import KubeClient
 from tuneloop_operator.planner import OutputClaim, OutputView
 from tuneloop_operator.promotion import Candidate
-from tuneloop_operator.render import STORAGE_SECRET_KEYS
+from tuneloop_operator.render import NO_DEFAULTS, STORAGE_SECRET_KEYS, TrainerDefaults, storage_secret_name
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +41,52 @@ class StorageAccessError(Exception):
     """The job's storage could not be set up (the message names what, never a credential)."""
 
 
+def effective_storage(job: FineTuneJob, defaults: TrainerDefaults = NO_DEFAULTS) -> StorageSettings:
+    """The job's ``spec.storage`` with the platform's endpoint and region where it sets none."""
+    storage = job.spec.storage
+    update: dict[str, str] = {}
+    if storage.endpoint is None and defaults.s3_endpoint:
+        update["endpoint"] = defaults.s3_endpoint
+    if storage.region is None and defaults.s3_region:
+        update["region"] = defaults.s3_region
+    return storage.model_copy(update=update) if update else storage
+
+
 class JobStorage:
     """Storage clients for jobs, one per (credentials, settings), the least recently used dropped."""
 
-    def __init__(self, kube: KubeClient) -> None:
+    def __init__(self, kube: KubeClient, defaults: TrainerDefaults = NO_DEFAULTS) -> None:
         self.kube = kube
+        self.defaults = defaults
         self._clients: OrderedDict[str, Storage] = OrderedDict()
 
     async def for_job(self, job: FineTuneJob, uri: str | None = None) -> Storage:
         """The client for ``uri`` (default: the job's output) with the job's storage settings and
-        credentials (the same Secret serves the dataset and the output)."""
+        credentials (the same Secret serves the dataset and the output). What the job leaves out
+        comes from the platform's defaults; with no Secret at all, the operator's own identity."""
         spec = job.spec
         uri = uri or spec.output.uri
+        settings = effective_storage(job, self.defaults)
         env: dict[str, str] | None = None
-        ref = spec.storage.secret_ref
-        if ref is not None and uri.startswith("s3://"):
+        secret = storage_secret_name(job, self.defaults)
+        if secret is not None and uri.startswith("s3://"):
             namespace = job.metadata.namespace or "default"
-            data = await self.kube.get_secret_data(namespace, ref.name)
+            data = await self.kube.get_secret_data(namespace, secret)
             if data is None:
-                raise StorageAccessError(f"secret {namespace}/{ref.name} (spec.storage.secretRef) not found")
+                source = (
+                    "spec.storage.secretRef"
+                    if spec.storage.secret_ref is not None
+                    else "the platform's default, TUNELOOP_DEFAULT_STORAGE_SECRET"
+                )
+                raise StorageAccessError(f"secret {namespace}/{secret} ({source}) not found")
             env = {key: data[key] for key, _ in STORAGE_SECRET_KEYS if key in data}
         scheme = uri.split("://", 1)[0]
         digest = hashlib.sha256(
-            json.dumps([scheme, spec.storage.to_wire(), sorted((env or {}).items())], sort_keys=True).encode()
+            json.dumps([scheme, settings.to_wire(), sorted((env or {}).items())], sort_keys=True).encode()
         ).hexdigest()
         storage = self._clients.get(digest)
         if storage is None:
-            storage = await asyncio.to_thread(Storage.for_uri, uri, spec.storage, env=env)
+            storage = await asyncio.to_thread(Storage.for_uri, uri, settings, env=env)
             self._clients[digest] = storage
             while len(self._clients) > MAX_CLIENTS:
                 self._clients.popitem(last=False)

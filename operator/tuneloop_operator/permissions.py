@@ -1,8 +1,19 @@
-"""The Kubernetes API permissions the operator needs, and the ClusterRole that grants them.
+"""The Kubernetes API permissions the operator needs, and the roles that grant them.
 
 Canonical: ``RULES`` is the list of every call the operator makes, each with the reason it
-makes it. ``deploy/rbac.yaml`` holds ``cluster_role("tuneloop-operator")`` verbatim, and a
-unit test fails when the two differ, so a new API call means a new rule here first.
+makes it. The Helm chart (``helm/tuneloop``) renders them, and a unit test renders the chart
+and fails when its ClusterRole or Roles differ from these, so a new API call means a new rule
+here first.
+
+Two modes, as the chart offers them:
+
+* **cluster-wide** (the default): one ClusterRole with every rule in ``RULES``
+  (:func:`cluster_role`), bound cluster-wide; the operator watches every namespace, or the
+  ones ``TUNELOOP_NAMESPACES`` lists.
+* **namespaced**: ``TUNELOOP_NAMESPACES`` lists the namespaces, and each of them gets a Role
+  with :data:`NAMESPACED_RULES` (:func:`namespaced_role`). The operator then serves the listed
+  namespaces without Kopf's cluster scan, so the cluster-scoped rules (namespaces, CRDs) are
+  not needed: :data:`CLUSTER_RULES_WHEN_NAMESPACED` is empty, and no ClusterRole is made.
 
 Least privilege, on purpose: no wildcards, no ``update`` (everything is a patch), Secrets
 readable one by one but never listed or watched, no ``pods/exec``, and CRDs only observed.
@@ -25,6 +36,9 @@ class Rule:
     api_groups: tuple[str, ...]
     resources: tuple[str, ...]
     verbs: tuple[str, ...]
+    cluster_scoped: bool = False
+    """The resources are cluster-scoped (a Role cannot grant them); the operator uses them only
+    for Kopf's cluster scan, which it skips when it serves listed namespaces."""
 
     def as_policy_rule(self) -> dict[str, list[str]]:
         """The ``rbac.authorization.k8s.io/v1`` PolicyRule, keys in the API's camelCase."""
@@ -32,7 +46,7 @@ class Rule:
 
 
 RULES: Final[tuple[Rule, ...]] = (
-    # Watch FineTuneJobs cluster-wide; patch for Kopf's finalizer and its progress annotations.
+    # Watch FineTuneJobs (every namespace, or the listed ones); patch: Kopf's finalizer, progress annotations.
     Rule((GROUP,), ("finetunejobs",), ("get", "list", "watch", "patch")),
     # Status (conditions, progress, attempts) is written through the status subresource, one patch per change.
     Rule((GROUP,), ("finetunejobs/status",), ("get", "patch")),
@@ -44,15 +58,30 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule((CORE,), ("secrets",), ("get",)),
     # Kopf posts events on the FineTuneJob (core v1), newer clients through events.k8s.io.
     Rule((CORE, "events.k8s.io"), ("events",), ("create", "patch")),
-    # Kopf's cluster-wide namespace scan (which namespaces exist to serve).
-    Rule((CORE,), ("namespaces",), ("list", "watch")),
+    # Kopf's cluster-wide namespace scan (which namespaces exist to serve); not in the namespaced mode.
+    Rule((CORE,), ("namespaces",), ("list", "watch"), cluster_scoped=True),
     # Kopf's resource scan: notices the FineTuneJob CRD appearing or changing; never writes CRDs.
-    Rule(("apiextensions.k8s.io",), ("customresourcedefinitions",), ("list", "watch")),
+    # Not in the namespaced mode (the CRDs present at start are served).
+    Rule(("apiextensions.k8s.io",), ("customresourcedefinitions",), ("list", "watch"), cluster_scoped=True),
 )
 
 
+#: What a Role in each watched namespace grants in the namespaced mode: every namespaced rule.
+NAMESPACED_RULES: Final[tuple[Rule, ...]] = tuple(rule for rule in RULES if not rule.cluster_scoped)
+
+#: What the operator still needs cluster-wide in the namespaced mode: nothing. With the
+#: namespaces listed it neither scans namespaces nor watches CRDs (``handlers.configure``), and
+#: every other call it makes is namespaced.
+CLUSTER_RULES_WHEN_NAMESPACED: Final[tuple[Rule, ...]] = ()
+
+
+def policy_rules(rules: tuple[Rule, ...]) -> list[dict[str, list[str]]]:
+    """``rules`` as RBAC PolicyRules, in order."""
+    return [rule.as_policy_rule() for rule in rules]
+
+
 def cluster_role(name: str) -> dict[str, Any]:
-    """The ClusterRole granting ``RULES``, as the manifest committed in ``deploy/rbac.yaml``."""
+    """The ClusterRole of the cluster-wide mode, granting ``RULES``."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
@@ -60,5 +89,19 @@ def cluster_role(name: str) -> dict[str, Any]:
             "name": name,
             "labels": {"app.kubernetes.io/name": "tuneloop", "app.kubernetes.io/component": "operator"},
         },
-        "rules": [rule.as_policy_rule() for rule in RULES],
+        "rules": policy_rules(RULES),
+    }
+
+
+def namespaced_role(name: str, namespace: str) -> dict[str, Any]:
+    """The Role of the namespaced mode in one watched namespace, granting ``NAMESPACED_RULES``."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "tuneloop", "app.kubernetes.io/component": "operator"},
+        },
+        "rules": policy_rules(NAMESPACED_RULES),
     }

@@ -30,12 +30,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from pydantic import ValidationError
 
 from tuneloop.api import ConditionType, FineTuneJob, Reason
-from tuneloop.api.spec import METRIC_OUTPUTS, FineTuneJobSpec
+from tuneloop.api.spec import METRIC_OUTPUTS, FineTuneJobSpec, Resources
 from tuneloop.api.status import (
     MAX_ATTEMPT_HISTORY,
     MAX_PENDING_TRIGGERS,
@@ -43,6 +43,7 @@ from tuneloop.api.status import (
     Attempt,
     AttemptCause,
     CheckpointRef,
+    Condition,
     ConditionStatus,
     CurrentRun,
     FineTuneJobStatus,
@@ -54,7 +55,15 @@ from tuneloop.api.status import (
     RunTrigger,
     find_condition,
 )
-from tuneloop.contract import LIFECYCLE_FIELDS, ExitCode, Heartbeat, PromotedPointer, is_retryable
+from tuneloop.contract import (
+    LIFECYCLE_FIELDS,
+    PLACEMENT_FIELDS,
+    ExitCode,
+    Heartbeat,
+    PromotedPointer,
+    is_retryable,
+    spec_hashes,
+)
 from tuneloop.contract import spec_hash as contract_spec_hash
 from tuneloop.ownership import JobIdentity, OwnerRecord, ownership_problem
 from tuneloop.validate import Problem, validate_manifest
@@ -66,7 +75,9 @@ from tuneloop_operator.render import (
     LABEL_ATTEMPT,
     LABEL_NODE_RANK,
     LABEL_RUN,
+    NO_DEFAULTS,
     Manifest,
+    TrainerDefaults,
     names,
     render_config_map,
     render_pod,
@@ -76,6 +87,10 @@ from tuneloop_operator.render import (
 #: Spec fields (:data:`tuneloop.contract.LIFECYCLE_FIELDS`), as attribute names of the spec model.
 _LIFECYCLE_ATTRS: Final = tuple(
     name for name, info in FineTuneJobSpec.model_fields.items() if (info.alias or name) in LIFECYCLE_FIELDS
+)
+#: Placement fields of ``spec.resources`` (:data:`tuneloop.contract.PLACEMENT_FIELDS`), as attribute names.
+_PLACEMENT_ATTRS: Final = tuple(
+    name for name, info in Resources.model_fields.items() if (info.alias or name) in PLACEMENT_FIELDS
 )
 #: Container waiting reasons that mean a pod cannot start without someone acting.
 STUCK_WAITING_REASONS: Final = frozenset(
@@ -142,6 +157,8 @@ class PlannerSettings:
     no longer answers stays ``Terminating`` forever, and the job must not wait forever with it."""
     metrics_port: int = 9400
     """Port of the trainer's Prometheus endpoint."""
+    trainer_defaults: TrainerDefaults = NO_DEFAULTS
+    """The platform's defaults for what a job leaves out (S3 endpoint, region, Secret; ServiceAccount)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +274,8 @@ class PodView:
     """The pod's own ``status.reason: status.message``, when it has one."""
     deletion_deadline: datetime | None = None
     """``metadata.deletionTimestamp``: when the pod is due to be gone (its grace period included)."""
+    gated: bool = False
+    """The pod waits behind scheduling gates (a queue such as Kueue admits it): pending, not stuck."""
 
     @property
     def permanent_exit(self) -> bool:
@@ -299,7 +318,11 @@ class PodView:
                 detail = str(waiting.get("message") or "").strip()
                 stuck = f"{waiting['reason']}" + (f": {detail}" if detail else "")
         disruption: str | None = None
+        gated = bool((pod.get("spec") or {}).get("schedulingGates"))
         for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "SchedulingGated":
+                gated = True  # waiting for admission (Kueue removes its gate), not unschedulable
+                continue
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and stuck is None:
                 why = str(cond.get("reason") or "Unschedulable")
                 detail = str(cond.get("message") or "").strip()
@@ -326,6 +349,7 @@ class PodView:
             stuck=stuck if phase == "Pending" else None,
             detail=detail,
             deletion_deadline=_parse_time(deleted_at) if isinstance(deleted_at, str) else None,
+            gated=gated and phase == "Pending",
         )
 
 
@@ -552,6 +576,7 @@ class _Planner:
                 image=self.settings.trainer_image,
                 owner=self.owner,
                 metrics_port=self.settings.metrics_port,
+                defaults=self.settings.trainer_defaults,
             )
             for rank in range(job.spec.resources.nodes)
         ]
@@ -567,8 +592,11 @@ class _Planner:
             self.invalid_spec(problems)
         else:
             self.reconcile(job)
-        self.ready()
+        self.gitops()
         self.status.observed_generation = self.generation
+        self.status.conditions = [
+            c.model_copy(update={"observed_generation": self.generation}) for c in self.status.conditions
+        ]
         self.plan.status = with_phase(self.status)
         return self.plan
 
@@ -801,31 +829,95 @@ class _Planner:
             {"run": run, "event": "promotion", **outcome.decision.model_dump(mode="json", by_alias=True)}
         )
 
-    def ready(self) -> None:
-        """``Ready``: a promoted model is available (whatever the latest run did)."""
-        promoted = self.status.promoted
-        if promoted is not None:
-            self.cond(
-                ConditionType.READY,
-                "True",
-                Reason.PROMOTED,
-                f"run {promoted.run}'s model is promoted: {promoted.model_uri}",
-            )
-        elif self.status.awaiting_approval is not None:
-            self.cond(
-                ConditionType.READY,
-                "False",
-                Reason.AWAITING_APPROVAL,
-                f"no model is promoted yet; run {self.status.awaiting_approval.run} awaits approval",
-            )
+    def gitops(self) -> None:
+        """``Ready``, ``Reconciling`` and ``Stalled`` from the rest of the status, following
+        kstatus (sigs.k8s.io/cli-utils): ``Reconciling=True`` → InProgress, ``Stalled=True`` →
+        Failed, otherwise ``Ready=True`` → Current. Exactly one of the three is ``True``."""
+        conditions = {c.type: c for c in self.status.conditions}
+        running = conditions.get(ConditionType.RUNNING)
+        failed = conditions.get(ConditionType.FAILED)
+        suspended = conditions.get(ConditionType.SUSPENDED)
+        decision = conditions.get(ConditionType.PROMOTED)
+        current = self.status.current_run
+        active = current is not None and current.result is None
+
+        def true(cond: Condition | None) -> TypeGuard[Condition]:
+            return cond is not None and cond.status == "True"
+
+        reconciling: tuple[str, str] | None = None
+        stalled: tuple[str, str] | None = None
+        if true(failed) and failed.reason in (Reason.INVALID_SPEC, Reason.OUTPUT_OWNED):
+            stalled = (failed.reason, failed.message)
+        elif running is not None and (
+            running.reason == Reason.OUTPUT_UNAVAILABLE
+            or (running.status == "True" and running.reason == Reason.POD_STUCK)
+        ):
+            stalled = (running.reason, running.message)  # a pod that cannot start, an unreadable output
+        elif true(suspended):
+            if any(p.alive for p in self.pods):
+                reconciling = (Reason.SUSPENDED, suspended.message)
+        elif active or true(running):
+            reconciling = (running.reason, running.message) if running is not None else (Reason.CREATED, "")
+        elif current is None:
+            reconciling = (Reason.CREATED, "the first run is being set up")
+        elif self.follow_up(current, failed=true(failed)):
+            reconciling = (Reason.FOLLOW_UP_PENDING, self.follow_up_message(current))
+        elif true(failed):
+            stalled = (failed.reason, failed.message)
+        elif (
+            self.status.promoted is None
+            and self.status.awaiting_approval is None
+            and decision is not None
+            and decision.status == "False"
+        ):
+            stalled = (decision.reason, f"no model is promoted: {decision.message}")
+        if reconciling is not None:
+            self.cond(ConditionType.RECONCILING, "True", *reconciling)
+            self.cond(ConditionType.STALLED, "False", Reason.RECONCILED, "")
+            self.cond(ConditionType.READY, "False", *reconciling)
+        elif stalled is not None:
+            self.cond(ConditionType.RECONCILING, "False", Reason.RECONCILED, "")
+            self.cond(ConditionType.STALLED, "True", *stalled)
+            self.cond(ConditionType.READY, "False", stalled[0], "stalled: see the Stalled condition")
         else:
-            last = self.status.runs[-1] if self.status.runs else None
-            why = (
-                "no run has finished yet"
-                if last is None
-                else f"no model is promoted yet (run {last.number}: {last.result})"
+            self.cond(ConditionType.RECONCILING, "False", Reason.RECONCILED, "")
+            self.cond(ConditionType.STALLED, "False", Reason.RECONCILED, "")
+            self.cond(ConditionType.READY, "True", *self.at_rest(suspended if true(suspended) else None))
+
+    def follow_up(self, last: CurrentRun, *, failed: bool) -> bool:
+        """Another run is about to start after ``last``: the spec changed (it starts at once), or
+        the latest run failed and a trigger waits for the cooldown to end."""
+        if self.live is not None and self.wants_new_run(self.live, last):
+            return True
+        return failed and self.status.triggers is not None and bool(self.status.triggers.pending)
+
+    def follow_up_message(self, last: CurrentRun) -> str:
+        if self.live is not None and self.wants_new_run(self.live, last):
+            return f"run {last.number} ended; the next run trains spec generation {self.generation}"
+        pending = self.status.triggers.pending if self.status.triggers is not None else []
+        what = ", ".join(sorted({p.trigger for p in pending}))
+        return f"run {last.number} failed; a follow-up run ({what}) starts when the cooldown ends"
+
+    def at_rest(self, suspended: Condition | None) -> tuple[str, str]:
+        """``Ready=True``: why, and what a model is there."""
+        promoted = self.status.promoted
+        model = (
+            f"run {promoted.run}'s model is promoted: {promoted.model_uri}"
+            if promoted is not None
+            else "no model is promoted yet"
+        )
+        awaiting = self.status.awaiting_approval
+        if suspended is not None:
+            return Reason.SUSPENDED, f"{suspended.message}; {model}"
+        if awaiting is not None:
+            return (
+                Reason.AWAITING_APPROVAL,
+                f"run {awaiting.run} awaits approval (annotate tuneloop.dev/approve={awaiting.run} or "
+                f"tuneloop.dev/reject={awaiting.run}); {model}",
             )
-            self.cond(ConditionType.READY, "False", Reason.NO_RUN if last is None else Reason.NOT_PROMOTED, why)
+        if promoted is not None:
+            return Reason.PROMOTED, model
+        return Reason.IDLE, f"nothing to do until the next trigger; {model}"
 
     def active_run(self, job: FineTuneJob, current: CurrentRun) -> None:
         self.cleanup_finished(job, keep=current.number)
@@ -850,18 +942,22 @@ class _Planner:
             except ValueError:
                 return None
             job, _ = validate_manifest(manifest)
-            return job if job is not None and spec_hash(job) == current.spec_hash else None
+            return job if job is not None and current.spec_hash in spec_hashes(job.spec) else None
         return None
 
     def pinned(self, job: FineTuneJob, current: CurrentRun) -> FineTuneJob:
-        """The job the active run trains: its stored spec with today's lifecycle fields. A spec
-        edited mid-run is trained by the next run; retries of this one keep their pods, image
-        and node count as they were (a retry with the old ConfigMap but new pods would mix
-        two specs)."""
+        """The job the active run trains: its stored spec with today's lifecycle fields and
+        today's placement. A spec edited mid-run is trained by the next run; retries of this one
+        keep their image and node count as they were (a retry with the old ConfigMap but new pods
+        would mix two specs). Placement (``resources.nodeSelector``/``tolerations``,
+        :data:`tuneloop.contract.PLACEMENT_FIELDS`) is not what a run trains: a queue such as Kueue
+        may change it while the job is suspended, and the next attempt's pods go where it says."""
         stored = self.stored_job(current)
         if stored is None:
             return job
         lifecycle = {attr: getattr(job.spec, attr) for attr in _LIFECYCLE_ATTRS}
+        placement = {attr: getattr(job.spec.resources, attr) for attr in _PLACEMENT_ATTRS}
+        lifecycle["resources"] = stored.spec.resources.model_copy(update=placement)
         return stored.model_copy(update={"metadata": job.metadata, "spec": stored.spec.model_copy(update=lifecycle)})
 
     def keep_active_run_going(self) -> None:
@@ -922,14 +1018,14 @@ class _Planner:
     # -- spec changes --
 
     def wants_new_run(self, job: FineTuneJob, last: CurrentRun) -> bool:
-        return job.spec.retrain.on_spec_change and last.spec_hash != spec_hash(job)
+        return job.spec.retrain.on_spec_change and last.spec_hash not in spec_hashes(job.spec)
 
     def track_spec_change(self, job: FineTuneJob) -> None:
         current = self.status.current_run
         seen = self.status.observed_generation
         if current is None or current.result is not None or seen is None or seen == self.generation:
             return
-        if current.spec_hash == spec_hash(job):
+        if current.spec_hash in spec_hashes(job.spec):
             return  # lifecycle fields only (suspend, deadlines...): no new run
         if job.spec.retrain.on_spec_change:
             self.event(
@@ -1182,7 +1278,10 @@ class _Planner:
             self.running(current)  # every rank started (some may already be done)
         else:
             pending = ", ".join(p.name for p in present if p.phase == "Pending")
-            self.cond(ConditionType.RUNNING, "True", Reason.POD_PENDING, f"waiting for pod(s) {pending} to start")
+            message = f"waiting for pod(s) {pending} to start"
+            if any(p.gated for p in present):
+                message = f"waiting for pod(s) {pending} to be admitted (scheduling gates, e.g. a Kueue queue)"
+            self.cond(ConditionType.RUNNING, "True", Reason.POD_PENDING, message)
 
     def running(self, current: CurrentRun) -> None:
         beat = self.own_heartbeat(current)

@@ -32,6 +32,12 @@ LABEL_RUN: Final = "tuneloop.dev/run"
 LABEL_ATTEMPT: Final = "tuneloop.dev/attempt"
 LABEL_NODE_RANK: Final = "tuneloop.dev/node-rank"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+#: Kueue (plain-pod integration): the LocalQueue a job's pods are queued in, copied from the job's
+#: own label; a pod group (label + size annotation) for multi-node attempts.
+KUEUE_QUEUE_NAME: Final = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_NAME: Final = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_TOTAL_COUNT: Final = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_IN_GROUP: Final = "kueue.x-k8s.io/retriable-in-group"
 MANAGED_BY: Final = "tuneloop"
 
 CONFIG_DIR: Final = "/etc/tuneloop"
@@ -60,6 +66,32 @@ STORAGE_SECRET_KEYS: Final = (
 )
 #: Secret key taken from ``spec.model.secretRef``.
 MODEL_SECRET_KEY: Final = "HF_TOKEN"  # noqa: S105 - a key name, not a value
+
+
+@dataclass(frozen=True)
+class TrainerDefaults:
+    """What the platform sets for jobs that leave it out (the operator's ``TUNELOOP_DEFAULT_*``
+    and ``TUNELOOP_TRAINER_SERVICE_ACCOUNT`` settings). A job's own field always wins."""
+
+    s3_endpoint: str | None = None
+    """S3 endpoint when ``spec.storage.endpoint`` is unset (given to the trainer as ``AWS_ENDPOINT_URL_S3``)."""
+    s3_region: str | None = None
+    """Region when ``spec.storage.region`` is unset (given to the trainer as ``AWS_REGION``)."""
+    storage_secret: str | None = None
+    """Secret with the S3 keys when ``spec.storage.secretRef`` is unset."""
+    service_account: str | None = None
+    """ServiceAccount of the trainer pods (e.g. one annotated for IRSA); unset: the namespace's default."""
+
+
+NO_DEFAULTS: Final = TrainerDefaults()
+
+
+def storage_secret_name(job: FineTuneJob, defaults: TrainerDefaults = NO_DEFAULTS) -> str | None:
+    """The Secret holding the job's S3 keys: ``spec.storage.secretRef``, else the platform's
+    default; ``None``: the pod's (or operator's) own identity applies."""
+    ref = job.spec.storage.secret_ref
+    return ref.name if ref is not None else defaults.storage_secret
+
 
 _HASH_LEN: Final = 8
 _DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -153,6 +185,27 @@ def run_labels(job_name: str, run: int) -> dict[str, str]:
     return {LABEL_JOB: job_name, LABEL_RUN: str(run), LABEL_MANAGED_BY: MANAGED_BY}
 
 
+def kueue_metadata(job: FineTuneJob, run: int, attempt: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels and annotations that hand an attempt's pods to Kueue (its plain-pod integration),
+    when the job names a queue (``metadata.labels[kueue.x-k8s.io/queue-name]``); none otherwise.
+
+    The pods carry the queue's name. The pods of a multi-node attempt form one pod group (named
+    after the attempt, with its size), so Kueue admits them together or not at all; the group is
+    not retriable in place (a failed or preempted attempt is replaced by the operator with a new
+    attempt, which is a new group), so Kueue releases the quota once its pods have ended."""
+    queue = job.metadata.labels.get(KUEUE_QUEUE_NAME)
+    if not queue:
+        return {}, {}
+    labels = {KUEUE_QUEUE_NAME: queue}
+    annotations: dict[str, str] = {}
+    nodes = job.spec.resources.nodes
+    if nodes > 1:
+        labels[KUEUE_POD_GROUP_NAME] = _fit(job.metadata.name, f"-r{run}-a{attempt}")
+        annotations[KUEUE_POD_GROUP_TOTAL_COUNT] = str(nodes)
+        annotations[KUEUE_RETRIABLE_IN_GROUP] = "false"
+    return labels, annotations
+
+
 def _metadata(name: str, job: FineTuneJob, labels: dict[str, str], owner: dict[str, Any]) -> Manifest:
     return {
         "name": name,
@@ -228,7 +281,14 @@ def master_addr(job: FineTuneJob, run: int, attempt: int) -> str:
 
 
 def _pod_env(
-    job: FineTuneJob, run: int, attempt: int, node_rank: int, *, metrics_port: int, job_uid: str
+    job: FineTuneJob,
+    run: int,
+    attempt: int,
+    node_rank: int,
+    *,
+    metrics_port: int,
+    job_uid: str,
+    defaults: TrainerDefaults = NO_DEFAULTS,
 ) -> list[Manifest]:
     spec = job.spec
     env = [
@@ -255,9 +315,14 @@ def _pod_env(
             _env("WORLD_SIZE", str(nodes)),
             _env("NODE_RANK", str(node_rank)),
         ]
+    # The platform's S3 defaults, for what the job leaves out (the trainer reads spec.storage first).
+    if spec.storage.endpoint is None and defaults.s3_endpoint:
+        env.append(_env("AWS_ENDPOINT_URL_S3", defaults.s3_endpoint))
+    if spec.storage.region is None and defaults.s3_region:
+        env.append(_env("AWS_REGION", defaults.s3_region))
     # Credentials only ever by reference: the Secret's value never appears in a manifest.
-    if spec.storage.secret_ref is not None:
-        secret = spec.storage.secret_ref.name
+    secret = storage_secret_name(job, defaults)
+    if secret is not None:
         env += [_secret_env(key, secret, key, optional=optional) for key, optional in STORAGE_SECRET_KEYS]
     if spec.model.secret_ref is not None:
         env.append(_secret_env(MODEL_SECRET_KEY, spec.model.secret_ref.name, MODEL_SECRET_KEY, optional=False))
@@ -316,13 +381,15 @@ def render_pod(
     image: str,
     owner: dict[str, Any],
     metrics_port: int = DEFAULT_METRICS_PORT,
+    defaults: TrainerDefaults = NO_DEFAULTS,
 ) -> Manifest:
     """The trainer pod of ``node_rank`` for an attempt of a run.
 
     ``image`` is the operator's default trainer image, used unless ``spec.resources.image``
-    names one. The pod passes the Pod Security "restricted" profile, never restarts in place
-    (the operator decides about retries from the exit code, see :mod:`tuneloop.contract`) and
-    writes only to its emptyDir volumes.
+    names one; ``defaults`` the platform's other defaults (S3, ServiceAccount). The pod passes
+    the Pod Security "restricted" profile, never restarts in place (the operator decides about
+    retries from the exit code, see :mod:`tuneloop.contract`) and writes only to its emptyDir
+    volumes.
     """
     _check_numbers(run, attempt, node_rank)
     nodes = job.spec.resources.nodes
@@ -332,13 +399,20 @@ def render_pod(
     pod_name = child.pod(node_rank)
     res = job.spec.resources
     labels = run_labels(job.metadata.name, run) | {LABEL_ATTEMPT: str(attempt), LABEL_NODE_RANK: str(node_rank)}
-    metadata = _metadata(pod_name, job, labels, owner)
-    metadata["annotations"] = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(metrics_port),
-        "prometheus.io/path": "/metrics",
-    }
-    ports: list[Manifest] = [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}]
+    queue_labels, queue_annotations = kueue_metadata(job, run, attempt)
+    metadata = _metadata(pod_name, job, labels | queue_labels, owner)
+    ports: list[Manifest] = []
+    # Only the rank-0 process serves metrics (the other ranks report to a null sink): only the
+    # node-rank 0 pod is announced for scraping and names the port, so no target is ever down.
+    if node_rank == 0:
+        metadata["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(metrics_port),
+            "prometheus.io/path": "/metrics",
+        }
+        ports.append({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"})
+    if queue_annotations:
+        metadata["annotations"] = {**metadata.get("annotations", {}), **queue_annotations}
     if nodes > 1:
         ports.append({"name": "dist", "containerPort": MASTER_PORT, "protocol": "TCP"})
     container: Manifest = {
@@ -346,7 +420,13 @@ def render_pod(
         "image": res.image or image,
         "command": trainer_command(job, run, attempt, node_rank),
         "env": _pod_env(
-            job, run, attempt, node_rank, metrics_port=metrics_port, job_uid=str(owner_references(owner)[0]["uid"])
+            job,
+            run,
+            attempt,
+            node_rank,
+            metrics_port=metrics_port,
+            job_uid=str(owner_references(owner)[0]["uid"]),
+            defaults=defaults,
         ),
         "ports": ports,
         "resources": _resources(job),
@@ -388,6 +468,10 @@ def render_pod(
     if nodes > 1:
         spec["hostname"] = pod_name
         spec["subdomain"] = child.service
+    if defaults.service_account:
+        # The token stays unmounted: IRSA, EKS Pod Identity and Azure workload identity inject
+        # their own projected token, GKE workload identity answers on the metadata server.
+        spec["serviceAccountName"] = defaults.service_account
     if res.node_selector:
         spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
@@ -405,13 +489,14 @@ def render_run(
     image: str,
     owner: dict[str, Any],
     metrics_port: int = DEFAULT_METRICS_PORT,
+    defaults: TrainerDefaults = NO_DEFAULTS,
 ) -> list[Manifest]:
     """Every object of an attempt, in creation order: ConfigMap, Service (multi-node), pods."""
     objects = [render_config_map(job, run, owner)]
     if job.spec.resources.nodes > 1:
         objects.append(render_service(job, run, owner))
     objects += [
-        render_pod(job, run, attempt, rank, image=image, owner=owner, metrics_port=metrics_port)
+        render_pod(job, run, attempt, rank, image=image, owner=owner, metrics_port=metrics_port, defaults=defaults)
         for rank in range(job.spec.resources.nodes)
     ]
     return objects

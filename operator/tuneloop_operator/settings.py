@@ -7,11 +7,19 @@ message naming the variable, instead of surfacing later as a strange reconcile.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import urlsplit
+
+from tuneloop_operator.render import TrainerDefaults
 
 DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/tuneloop/trainer:0.1.0"
+
+_DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_REGION: Final = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
 class SettingsError(ValueError):
@@ -31,6 +39,35 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
+def _optional(env: Mapping[str, str], name: str, pattern: re.Pattern[str], what: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not pattern.match(raw):
+        raise SettingsError(f"{name}={raw!r} is not {what}")
+    return raw
+
+
+def _endpoint(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{name}={raw!r} is not an http(s) URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise SettingsError(f"{name} must be scheme, host and port only (no credentials, query or fragment)")
+    return raw
+
+
+def _namespaces(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in env.get("TUNELOOP_NAMESPACES", "").split(",") if n.strip())
+    for name in names:
+        if not _DNS_LABEL.match(name):
+            raise SettingsError(f"TUNELOOP_NAMESPACES: {name!r} is not a namespace name (patterns are not supported)")
+    return tuple(dict.fromkeys(names))
+
+
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     value = _number(env, name, default)
     if value != int(value) or not 0 <= value <= 65535:
@@ -45,7 +82,9 @@ class OperatorSettings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     """``TUNELOOP_TRAINER_IMAGE``: trainer image for jobs that do not name one."""
     namespaces: tuple[str, ...] = ()
-    """``TUNELOOP_NAMESPACES``: comma-separated namespaces to watch; empty = cluster-wide."""
+    """``TUNELOOP_NAMESPACES``: comma-separated namespaces to watch; empty = cluster-wide. Listed
+    namespaces are served exactly, without a cluster-wide scan of namespaces and CRDs, so the
+    operator needs no cluster-scoped permission (the chart's namespaced RBAC mode)."""
     metrics_port: int = 8080
     """``TUNELOOP_METRICS_PORT``: the operator's Prometheus ``/metrics`` (0 disables)."""
     health_port: int = 8081
@@ -68,11 +107,31 @@ class OperatorSettings:
     """``TUNELOOP_WATCH_TIMEOUT``: seconds before a watch is reopened even if it seems alive."""
     log_level: str = "INFO"
     """``TUNELOOP_LOG_LEVEL``."""
+    default_s3_endpoint: str | None = None
+    """``TUNELOOP_DEFAULT_S3_ENDPOINT``: S3 endpoint for jobs that set no ``spec.storage.endpoint``
+    (unset: AWS)."""
+    default_s3_region: str | None = None
+    """``TUNELOOP_DEFAULT_S3_REGION``: region for jobs that set no ``spec.storage.region``."""
+    default_storage_secret: str | None = None
+    """``TUNELOOP_DEFAULT_STORAGE_SECRET``: Secret (in the job's namespace) holding S3 keys, for jobs
+    that set no ``spec.storage.secretRef`` (unset: the pod's identity, e.g. IRSA)."""
+    trainer_service_account: str | None = None
+    """``TUNELOOP_TRAINER_SERVICE_ACCOUNT``: ServiceAccount of trainer pods (it must exist in each
+    job's namespace); unset: the namespace's ``default``."""
+
+    def trainer_defaults(self) -> TrainerDefaults:
+        """The platform's defaults for what a job's spec leaves out."""
+        return TrainerDefaults(
+            s3_endpoint=self.default_s3_endpoint,
+            s3_region=self.default_s3_region,
+            storage_secret=self.default_storage_secret,
+            service_account=self.trainer_service_account,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = os.environ if env is None else env
-        namespaces = tuple(n.strip() for n in env.get("TUNELOOP_NAMESPACES", "").split(",") if n.strip())
+        namespaces = _namespaces(env)
         preemptions = _number(env, "TUNELOOP_MAX_PREEMPTIONS", 20)
         if preemptions != int(preemptions):
             raise SettingsError("TUNELOOP_MAX_PREEMPTIONS must be a whole number")
@@ -89,4 +148,12 @@ class OperatorSettings:
             trainer_metrics_port=_port(env, "TUNELOOP_TRAINER_METRICS_PORT", 9400),
             watch_timeout=_number(env, "TUNELOOP_WATCH_TIMEOUT", 300.0, minimum=1.0),
             log_level=env.get("TUNELOOP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+            default_s3_endpoint=_endpoint(env, "TUNELOOP_DEFAULT_S3_ENDPOINT"),
+            default_s3_region=_optional(env, "TUNELOOP_DEFAULT_S3_REGION", _REGION, "an S3 region name"),
+            default_storage_secret=_optional(
+                env, "TUNELOOP_DEFAULT_STORAGE_SECRET", _DNS_SUBDOMAIN, "a Secret name (a DNS subdomain)"
+            ),
+            trainer_service_account=_optional(
+                env, "TUNELOOP_TRAINER_SERVICE_ACCOUNT", _DNS_SUBDOMAIN, "a ServiceAccount name (a DNS subdomain)"
+            ),
         )

@@ -659,7 +659,11 @@ def test_approval_promotes_and_a_failed_gate_keeps_the_promoted_model(world: Wor
     k8s_api.create(job)
     waiting = wait_status(k8s_api, "guarded", lambda s: bool(s.get("awaitingApproval")), what="awaiting approval")
     assert waiting["awaitingApproval"]["run"] == 1 and "promoted" not in waiting
-    assert condition(waiting, "Ready")["status"] == "False"
+    # At rest, waiting for a person: Ready (kstatus Current), so a GitOps health check does not hang.
+    assert (condition(waiting, "Ready")["status"], condition(waiting, "Ready")["reason"]) == (
+        "True",
+        "AwaitingApproval",
+    )
     k8s_api.patch(API, KIND, "guarded", {"metadata": {"annotations": {"tuneloop.dev/approve": "1"}}}, NS)
     promoted = wait_status(k8s_api, "guarded", lambda s: bool(s.get("promoted")), what="promotion")
     assert promoted["promoted"]["run"] == 1 and promoted["promoted"]["by"] == "annotation tuneloop.dev/approve=1"
@@ -676,7 +680,9 @@ def test_approval_promotes_and_a_failed_gate_keeps_the_promoted_model(world: Wor
     )
     done = wait_status(k8s_api, "guarded", run_number_is(2), what="run 2")
     assert done["currentRun"]["result"] == "GateFailed"
-    assert done["promoted"]["run"] == 1 and condition(done, "Ready")["status"] == "True"
+    assert done["promoted"]["run"] == 1  # still available ...
+    assert condition(done, "Stalled")["reason"] == "GateFailed"  # ... but the new spec produced nothing
+    assert condition(done, "Ready")["status"] == "False"
     record = done["runs"][-1]
     assert record["promotion"]["decision"] == "NotPromoted" and "accuracy" in record["promotion"]["reason"]
     assert record["promotedMetrics"], "run 2 evaluated the promoted model on its own test split"

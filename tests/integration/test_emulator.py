@@ -11,6 +11,7 @@ import re
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1118,7 +1119,21 @@ OPERATOR = textwrap.dedent(
 )
 
 
-def test_kopf_operator_full_cycle(crds: K8sApi, k8s_kubeconfig: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def own_kopf_registry() -> Iterator[Any]:
+    """A fresh Kopf registry, the default one restored afterwards: a test module that imported
+    ``tuneloop_operator.handlers`` has put Tuneloop's handlers (and finalizer) in the default one."""
+    import kopf
+
+    default = kopf.get_default_registry()
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)  # what the default registry has built in
+    kopf.set_default_registry(registry)
+    yield registry
+    kopf.set_default_registry(default)
+
+
+def test_kopf_operator_full_cycle(crds: K8sApi, k8s_kubeconfig: Path, tmp_path: Path, own_kopf_registry: Any) -> None:
     # Real Kopf: create → finalizer → status (subresource) → child with owner reference →
     # update → delete → finalizer removed → object gone → child garbage-collected.
     from kopf.testing import KopfRunner
@@ -1126,7 +1141,9 @@ def test_kopf_operator_full_cycle(crds: K8sApi, k8s_kubeconfig: Path, tmp_path: 
     operator = tmp_path / "operator.py"
     operator.write_text(OPERATOR, encoding="utf-8")
     path = f"{GROUP}/v1"
-    with KopfRunner(["run", "--standalone", "--verbose", "-A", str(operator)], timeout=30) as runner:
+    with KopfRunner(
+        ["run", "--standalone", "--verbose", "-A", str(operator)], timeout=30, registry=own_kopf_registry
+    ) as runner:
         created = crds.create(widget("w", size=2))
 
         def handled() -> dict[str, Any]:

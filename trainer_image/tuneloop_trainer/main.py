@@ -287,9 +287,7 @@ def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any, uid: str |
     sinks.append(HeartbeatSink(storage, safe_join(output_uri, Layout.status(run)), run=run, job_uid=uid))
     port = os.environ.get("TUNELOOP_METRICS_PORT")
     if port:
-        sinks.append(
-            PrometheusSink(port=int(port), job=job.metadata.name, namespace=job.metadata.namespace or "", run=run)
-        )
+        sinks.append(PrometheusSink(port=int(port), job=job.metadata.name, run=run))
     return sinks
 
 

@@ -5,9 +5,11 @@ way it reports to the console, and neither may ever stop training: a failed scra
 failing object store is logged, not raised.
 
 :class:`PrometheusSink` serves ``/metrics`` from its own :class:`CollectorRegistry` (never the global
-one, so two sinks in one process do not collide). Every series carries the labels ``finetunejob``,
-``namespace`` and ``run`` (not ``job``: Prometheus renames a target's ``job`` label to
-``exported_job``).
+one, so two sinks in one process do not collide). Every series carries the labels ``finetunejob``
+and ``run``. Not ``job`` and not ``namespace``: Prometheus attaches its own ``job`` and
+``namespace`` target labels to every scraped series (the pod's namespace, through the PodMonitor)
+and would rename colliding labels ``exported_job``/``exported_namespace``. Only the rank-0 process
+serves (the other ranks report to a null sink), so only node-rank 0 pods are scraped.
 
 :class:`HeartbeatSink` writes :class:`tuneloop.contract.Heartbeat` to ``runs/<n>/status.json`` for
 the operator: at most once per ``min_interval`` seconds, and always on a phase change, an
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 METRIC_PREFIX: Final = "tuneloop_trainer_"
 #: The trainer's phases, exported as 0 until entered (so a dashboard sees every series at once).
 KNOWN_PHASES: Final = ("validating", "training", "evaluating", "uploading")
-_LABELS: Final = ("finetunejob", "namespace", "run")
+_LABELS: Final = ("finetunejob", "run")
 _SECONDS_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
 _STEP_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 #: Evaluation splits whose metrics are the heartbeat's ``metrics`` (later ones win).
@@ -84,7 +86,7 @@ def _gpu_memory() -> list[tuple[str, int, int]]:
 class PrometheusSink:
     """Training metrics for Prometheus, served on ``port`` (0: any free port; ``None``: no server).
 
-    Metrics (all with ``finetunejob``, ``namespace`` and ``run`` labels; prefix ``tuneloop_trainer_``):
+    Metrics (all with ``finetunejob`` and ``run`` labels; prefix ``tuneloop_trainer_``):
 
     gauges ``loss``, ``learning_rate``, ``grad_norm``, ``step``, ``total_steps``, ``epoch``,
     ``tokens_per_second``, ``samples_per_second``, ``eta_seconds``, ``eval_metric{metric,split}``,
@@ -100,13 +102,12 @@ class PrometheusSink:
         *,
         port: int | None,
         job: str,
-        namespace: str,
         run: int,
         registry: CollectorRegistry | None = None,
         addr: str = "0.0.0.0",  # noqa: S104 - scraped from other pods
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self._base = {"finetunejob": job, "namespace": namespace, "run": str(run)}
+        self._base = {"finetunejob": job, "run": str(run)}
         self._phase: str | None = None
         self._lock = threading.Lock()
 

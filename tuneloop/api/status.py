@@ -25,8 +25,11 @@ class ConditionType:
     """Condition types a FineTuneJob reports."""
 
     READY: Final = "Ready"
-    """A promoted model is available (``status.promoted``); a later run that failed or did not
-    pass its gates does not change that (the latest run's result is ``Complete``/``Failed``)."""
+    """The job is at rest in a good state: the operator acted on the current generation, no run
+    is in progress and nothing waits for a fix. ``True`` once a run ended well (its model promoted,
+    awaiting approval, or not promoted while an earlier model stays promoted), while suspended, or
+    while waiting for the next trigger; ``False`` while ``Reconciling`` or ``Stalled`` is ``True``
+    (same reason and message). Whether a model is available is ``status.promoted``."""
     RUNNING: Final = "Running"
     """A run is in progress (pods exist or are being created)."""
     COMPLETE: Final = "Complete"
@@ -44,7 +47,28 @@ class ConditionType:
     """Every configured retraining trigger can look (the data listing and the drift query work);
     ``False`` names the one that cannot and why. No run starts from a trigger that cannot look."""
 
-    ALL: Final = (READY, RUNNING, COMPLETE, FAILED, SUSPENDED, DATA_VALID, PROMOTED, TRIGGERS_HEALTHY)
+    RECONCILING: Final = "Reconciling"
+    """kstatus' "abnormal-true" condition: ``True`` while the operator is still working towards
+    the spec — a run is starting, running, evaluating or backing off before a retry, the pods of
+    an earlier run are stopping, or a follow-up run is waiting to start; ``False`` otherwise."""
+    STALLED: Final = "Stalled"
+    """kstatus' "abnormal-true" condition: ``True`` when the job cannot make progress without a
+    person: the spec is invalid, the output belongs to another job or cannot be read, a pod cannot
+    start, or the latest run failed (retries exhausted, a permanent exit, its gates) or its
+    candidate was refused while no model is promoted, and no follow-up run is pending."""
+
+    ALL: Final = (
+        READY,
+        RUNNING,
+        COMPLETE,
+        FAILED,
+        SUSPENDED,
+        DATA_VALID,
+        PROMOTED,
+        TRIGGERS_HEALTHY,
+        RECONCILING,
+        STALLED,
+    )
 
 
 class Reason:
@@ -137,6 +161,13 @@ class Reason:
     ``spec.output.continueLineage``); no run starts. The message names the owner."""
     OUTPUT_UNAVAILABLE: Final = "OutputUnavailable"
     """The output location could not be read or claimed (access, endpoint); retried."""
+    RECONCILED: Final = "Reconciled"
+    """``Reconciling``/``Stalled`` are ``False``: nothing is in progress and nothing is stuck."""
+    IDLE: Final = "Idle"
+    """``Ready``: no run has anything left to do; the job waits for its next trigger."""
+    FOLLOW_UP_PENDING: Final = "FollowUpPending"
+    """``Reconciling``: the latest run ended and another run is about to start (a new generation,
+    a pending trigger)."""
 
 
 class Condition(ApiModel):

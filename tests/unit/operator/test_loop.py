@@ -66,7 +66,9 @@ def test_a_passing_run_is_promoted_and_a_failing_gate_keeps_the_old_model() -> N
     finish_run(w, 2, 0.80, passed=False, promoted_run=1)
     assert w.status.promoted is not None and w.status.promoted.run == 1, "the old model stays promoted"
     assert [p.run for p in w.pointers] == [1]
-    assert w.condition(ConditionType.READY).status == "True", "a promoted model is still available"
+    # The old model is still available, but the run failed its gates: a person should look.
+    assert w.condition(ConditionType.READY).status == "False"
+    assert w.condition(ConditionType.STALLED).reason == Reason.GATE_FAILED
     assert w.condition(ConditionType.FAILED).reason == Reason.GATE_FAILED
     promoted = w.condition(ConditionType.PROMOTED)
     assert promoted.status == "False" and "gates failed: f1=0.8" in promoted.message

@@ -65,7 +65,8 @@ def test_new_job_creates_config_map_and_first_pod() -> None:
     assert [(a.number, a.cause) for a in current.history] == [(1, "Started")]
     assert w.condition(ConditionType.RUNNING).reason == Reason.POD_CREATED
     assert w.condition(ConditionType.DATA_VALID).status == "Unknown"
-    assert w.condition(ConditionType.READY).reason == Reason.NO_RUN
+    assert w.condition(ConditionType.READY).status == "False"  # a run is in progress (kstatus: InProgress)
+    assert w.condition(ConditionType.RECONCILING).reason == Reason.POD_CREATED
     assert [(e.type, e.reason) for e in p.events] == [("Normal", Reason.RUN_STARTED)]
     assert POD in p.events[0].message
     assert w.status.observed_generation == 1
@@ -840,7 +841,8 @@ def test_spec_change_during_a_run_starts_the_next_run_after_it() -> None:
     assert current is not None and (current.number, current.trigger, current.generation) == (2, "SpecChange", 2)
     assert [r.number for r in w.status.runs] == [1]
     assert w.condition(ConditionType.COMPLETE).status == "False"
-    assert w.condition(ConditionType.READY).status == "True"  # run 1's model is still there
+    assert w.condition(ConditionType.RECONCILING).status == "True"  # run 2 is in progress
+    assert w.status.promoted is not None and w.status.promoted.run == 1  # run 1's model is still there
 
 
 def test_a_retry_after_a_spec_change_keeps_the_runs_own_spec() -> None:
@@ -1386,6 +1388,8 @@ def test_a_failure_is_told_once_in_the_failed_condition() -> None:
     assert "no rows in data.jsonl" in failed.message
     others = [w.condition(t).message for t in (ConditionType.RUNNING, ConditionType.COMPLETE, ConditionType.READY)]
     assert all("no rows in data.jsonl" not in m for m in others), others
+    # ... and in Stalled, the condition kstatus (Flux) reports.
+    assert w.condition(ConditionType.STALLED).message == failed.message
     assert "see the Failed condition" in w.condition(ConditionType.COMPLETE).message
 
 

@@ -25,7 +25,7 @@ from tuneloop_trainer.telemetry import HeartbeatSink, PrometheusSink
 
 pytestmark = pytest.mark.unit
 
-LABELS = {"finetunejob": "sentiment", "namespace": "ml", "run": "3"}
+LABELS = {"finetunejob": "sentiment", "run": "3"}
 
 
 def report(step: int = 10, **overrides: Any) -> StepReport:
@@ -68,7 +68,7 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 @pytest.fixture
 def prom() -> Iterator[PrometheusSink]:
-    sink = PrometheusSink(port=0, job="sentiment", namespace="ml", run=3, addr="127.0.0.1")
+    sink = PrometheusSink(port=0, job="sentiment", run=3, addr="127.0.0.1")
     yield sink
     sink.close()
 
@@ -167,8 +167,8 @@ def test_no_gpu_no_gpu_series(prom: PrometheusSink, monkeypatch: pytest.MonkeyPa
 
 
 def test_two_sinks_in_one_process_do_not_collide() -> None:
-    a = PrometheusSink(port=0, job="a", namespace="ml", run=1, addr="127.0.0.1")
-    b = PrometheusSink(port=0, job="b", namespace="ml", run=2, addr="127.0.0.1")
+    a = PrometheusSink(port=0, job="a", run=1, addr="127.0.0.1")
+    b = PrometheusSink(port=0, job="b", run=2, addr="127.0.0.1")
     try:
         assert a.port != b.port
         a.step(report(loss=1.0))
@@ -176,20 +176,18 @@ def test_two_sinks_in_one_process_do_not_collide() -> None:
         ma, mb = scrape(a), scrape(b)
         losses_a = [v for (n, labels), v in ma.items() if n == "tuneloop_trainer_loss"]
         assert losses_a == [1.0]
-        assert (
-            mb[("tuneloop_trainer_loss", frozenset({"finetunejob": "b", "namespace": "ml", "run": "2"}.items()))] == 2
-        )
+        assert mb[("tuneloop_trainer_loss", frozenset({"finetunejob": "b", "run": "2"}.items()))] == 2
     finally:
         a.close()
         b.close()
 
 
 def test_no_port_no_server_and_close_stops_it() -> None:
-    quiet = PrometheusSink(port=None, job="j", namespace="n", run=1)
+    quiet = PrometheusSink(port=None, job="j", run=1)
     assert quiet.port is None
     quiet.step(report())
     quiet.close()
-    served = PrometheusSink(port=0, job="j", namespace="n", run=1, addr="127.0.0.1")
+    served = PrometheusSink(port=0, job="j", run=1, addr="127.0.0.1")
     port = served.port
     served.close()
     served.close()
