@@ -22,7 +22,7 @@ RUN pip install --constraint constraints.txt '.[operator]'
 FROM python:3.11.17-slim-trixie
 
 # pip compiled the bytecode at install time; nothing is written next to the sources at run time,
-# so the root filesystem can be read-only (deploy/operator.yaml mounts an emptyDir on /tmp).
+# so the root filesystem can be read-only (the chart's Deployment, helm/tuneloop, mounts an emptyDir on /tmp).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH

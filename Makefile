@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint unit crd constraints clean
+.PHONY: setup run test lint unit crd deploy constraints clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,8 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/tuneloop crd --check
+	$(PY) -m tools.render_deploy --check
+	$(PY) -m observability --check
 
 test: lint
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
@@ -38,6 +40,10 @@ unit: setup
 
 crd: setup
 	$(VENV)/bin/tuneloop crd
+
+# deploy/ is the Helm chart rendered with its defaults (tools/render_deploy.py).
+deploy: setup
+	$(PY) -m tools.render_deploy
 
 # The header comment, the dev venv's pins, then the image-only section (from its marker line to the
 # end: pins of packages this venv never installs, such as bitsandbytes) carried over unchanged.

@@ -524,7 +524,7 @@ def test_operator_image_exposes_the_ports_the_deployment_uses() -> None:
         if c.cmd == "EXPOSE"
         for port in c.value
     }
-    docs = yaml.safe_load_all((ROOT / "deploy" / "operator.yaml").read_text())
+    docs = yaml.safe_load_all((ROOT / "deploy" / "tuneloop.yaml").read_text())
     (deployment,) = [d for d in docs if d and d["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}

@@ -1,0 +1,1 @@
+"""Repository maintenance commands (``python -m tools.<name>``); not part of any distribution."""
