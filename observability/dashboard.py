@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from grafana_foundation_sdk.builders import bargauge, stat, timeseries
 from grafana_foundation_sdk.builders import common as common_builders
@@ -58,66 +58,46 @@ class Query:
         return query.instant() if self.instant else query.range()
 
 
-def _targets(panel: Builder[model.Panel], queries: tuple[Query, ...]) -> Builder[model.Panel]:
+Panel = TypeVar("Panel", timeseries.Panel, bargauge.Panel, stat.Panel)
+
+
+def _panel(
+    panel: Panel, title: str, description: str, unit: str, queries: tuple[Query, ...], *, w: int, h: int
+) -> Panel:
+    """What every panel has: title, description, data source, unit, size, and its queries (A, B...)."""
+    panel.title(title).description(description).datasource(DATASOURCE).unit(unit).span(w).height(h)
     for i, query in enumerate(queries):
-        panel.with_target(query.build(chr(ord("A") + i)))  # type: ignore[attr-defined]
+        panel.with_target(query.build(chr(ord("A") + i)))
     return panel
 
 
 def series(title: str, description: str, unit: str, *queries: Query, w: int = 12, h: int = 8) -> timeseries.Panel:
     """A time series panel."""
-    panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(w)
-        .height(h)
-        .line_width(1)
-        .fill_opacity(10)
-    )
-    _targets(panel, queries)
-    return panel
+    panel = _panel(timeseries.Panel(), title, description, unit, queries, w=w, h=h)
+    return panel.line_width(1).fill_opacity(10)
 
 
 def bars(title: str, description: str, unit: str, *queries: Query, w: int = 8, h: int = 7) -> bargauge.Panel:
     """A horizontal bar gauge: one bar per series, at the end of the time range."""
-    panel = (
-        bargauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .min(0)
-        .span(w)
-        .height(h)
+    panel = _panel(bargauge.Panel(), title, description, unit, queries, w=w, h=h)
+    return (
+        panel.min(0)
         .orientation(common.VizOrientation.HORIZONTAL)
         .display_mode(common.BarGaugeDisplayMode.BASIC)
         .show_unfilled(True)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
     )
-    _targets(panel, queries)
-    return panel
 
 
 def stats(title: str, description: str, unit: str, *queries: Query, w: int = 6, h: int = 7) -> stat.Panel:
     """A stat panel: one big number per series, its latest value."""
-    panel = (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(w)
-        .height(h)
-        .graph_mode(common.BigValueGraphMode.NONE)
+    panel = _panel(stat.Panel(), title, description, unit, queries, w=w, h=h)
+    return (
+        panel.graph_mode(common.BigValueGraphMode.NONE)
         .color_mode(common.BigValueColorMode.NONE)
         .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
     )
-    _targets(panel, queries)
-    return panel
 
 
 def _variables() -> list[Builder[model.VariableModel]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-import yaml
 
 from tests.e2e.test_operator_e2e import NS, SECRET, job_manifest, phase_is, wait_status
 from tests.harness.k8s_fixtures import K8sApi
@@ -79,24 +77,7 @@ def start_prometheus(directory: Path, operator_target: str) -> PrometheusServer:
             },
         ],
     }
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (directory / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={directory / 'prometheus.yml'}",
-            f"--storage.tsdb.path={directory / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=directory,
-    )
-    log.close()
-    server = PrometheusServer(process=process, port=port, directory=directory)
+    server = PrometheusServer.launch(binary, config, directory)
     try:
         _wait_ready(server, 60)
     except BaseException:

@@ -119,23 +119,25 @@ class PrometheusServer:
 
     @classmethod
     def start(cls, binary: str, target: str, directory: Path, *, scrape_interval: str = "1s") -> PrometheusServer:
+        """Prometheus scraping one target as job :data:`SCRAPE_JOB`."""
+        config = {
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [{"targets": [target]}]}],
+        }
+        return cls.launch(binary, config, directory)
+
+    @classmethod
+    def launch(cls, binary: str, config: dict[str, Any], directory: Path) -> PrometheusServer:
+        """Prometheus with ``config`` (a ``prometheus.yml`` as a dict), its data and log in ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
-        config = directory / "prometheus.yml"
-        config.write_text(
-            "global:\n"
-            f"  scrape_interval: {scrape_interval}\n"
-            f"  evaluation_interval: {scrape_interval}\n"
-            "scrape_configs:\n"
-            f"  - job_name: {SCRAPE_JOB}\n"
-            "    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-        )
+        path = directory / "prometheus.yml"
+        path.write_text(json.dumps(config))  # JSON is YAML
         port = free_port()
         with (directory / "prometheus.log").open("wb") as log:
             process = subprocess.Popen(
                 [
                     binary,
-                    f"--config.file={config}",
+                    f"--config.file={path}",
                     f"--storage.tsdb.path={directory / 'data'}",
                     f"--web.listen-address=127.0.0.1:{port}",
                     "--log.level=warn",
