@@ -456,3 +456,20 @@ def test_checkpoints_without_an_identity_are_not_resumed_by_an_identified_writer
         backend, tmp_path, identity={"namespace": None, "name": "t", "uid": None, "run": 1, "specHash": "x"}
     )
     assert reader.load() is None and [c.step for c in reader.foreign()] == [5]
+
+
+def test_a_checkpoint_recorded_under_an_older_hash_of_the_same_spec_resumes(backend: Backend, tmp_path: Path) -> None:
+    # 0.1 trainers hashed nodeSelector/tolerations with the spec (contract.spec_hashes): a run
+    # preempted before an upgrade resumes after it instead of training from step 0 again.
+    before = {"namespace": "ml", "name": "tiny", "uid": "uid-1", "run": 1, "specHash": "legacy"}
+    writer = manager(backend, tmp_path, identity=before)
+    writer.save(20, tiny_state(20), blocking=True)
+    writer.close()
+    after = {**before, "specHash": "current"}
+    assert manager(backend, tmp_path, identity=after).load() is None
+    upgraded = manager(backend, tmp_path, identity=after, spec_hashes={"current", "legacy"})
+    loaded = upgraded.load()
+    assert loaded is not None and loaded[0].step == 20 and upgraded.foreign() == []
+    # Another job's checkpoint stays foreign, whatever its hash.
+    stranger = manager(backend, tmp_path, identity={**after, "uid": "uid-2"}, spec_hashes={"current", "legacy"})
+    assert stranger.load() is None

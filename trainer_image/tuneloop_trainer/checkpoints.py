@@ -37,6 +37,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ class CheckpointManager:
         keep: int,
         best_metric_mode: Literal["min", "max"] | None = None,
         identity: dict[str, Any] | None = None,
+        spec_hashes: Collection[str] = (),
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
@@ -194,6 +196,9 @@ class CheckpointManager:
         self.best_metric_mode = best_metric_mode
         self.identity = dict(identity) if identity is not None else None
         """Who writes: recorded in each manifest; only checkpoints with the same identity resume."""
+        self.spec_hashes = frozenset(spec_hashes)
+        """Other ``specHash`` values an identity may record for the same spec (an older release's
+        hash of it, :func:`tuneloop.contract.spec_hashes`): their checkpoints resume too."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future[None] | None = None
         self._manifests: dict[int, tuple[str | None, int, dict[str, Any]]] = {}
@@ -362,7 +367,14 @@ class CheckpointManager:
         return manifest
 
     def _own(self, manifest: dict[str, Any]) -> bool:
-        return self.identity is None or manifest.get("identity") == self.identity
+        if self.identity is None:
+            return True
+        theirs = manifest.get("identity")
+        if not isinstance(theirs, dict):
+            return False
+        if theirs.get("specHash") in self.spec_hashes:
+            theirs = {**theirs, "specHash": self.identity.get("specHash")}
+        return theirs == self.identity
 
     def _complete_from(self, groups: dict[int, dict[str, ObjectInfo]], *, own: bool = True) -> list[CheckpointInfo]:
         """The complete checkpoints written by this manager's identity (``own=False``: by others)."""

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 
 from tuneloop.api import FineTuneJob
 from tuneloop.api.spec import GENERATION_METRICS, METRIC_OUTPUTS, Method, ModelSource, metric_direction
-from tuneloop.contract import Layout, PromotedPointer
+from tuneloop.contract import Layout, PromotedPointer, spec_hashes
 from tuneloop_trainer.batching import (
     collate_packed,
     collate_padded,
@@ -472,6 +472,7 @@ class FineTuneRecipe:
             keep=self.spec.output.checkpoint.keep,
             best_metric_mode=mode,
             identity=self.ctx.checkpoint_identity(),
+            spec_hashes=spec_hashes(self.spec),
         )
         self.resume_epoch, self.resume_offset = 0, 0
         self.last_checkpoint_time = time.monotonic()
