@@ -44,7 +44,7 @@ from tuneloop.api import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
-from tuneloop.api.spec import TASK_METRICS
+from tuneloop.api.spec import METHOD_TRAITS, TASK_METRICS
 
 CRD_FILENAME: Final = f"{PLURAL}.{GROUP}.yaml"
 #: The copy in the Helm chart, relative to the repository root.
@@ -183,6 +183,20 @@ CEL_RULES: Final[tuple[CelRule, ...]] = (
         "replay.ratio needs replay.uri: the general-domain data to mix in",
         ".uri",
     ),
+    CelRule(
+        ("spec",),
+        "!has(self.dataset.augmentation) || self.task != 'causal-lm'"
+        " || (has(self.dataset.columns) && has(self.dataset.columns.prompt))",
+        "augmentation applies to causal-lm's prompt/completion layout only (the prompt is perturbed); "
+        "set dataset.columns.prompt and completion, or remove augmentation",
+        ".dataset.augmentation",
+    ),
+    CelRule(
+        ("spec", "evaluation"),
+        "!has(self.slices) || self.slices.all(s, self.slices.exists_one(t, t == s))",
+        "evaluation.slices lists a column twice",
+        ".slices",
+    ),
     *(
         CelRule(
             ("spec", "method"),
@@ -191,13 +205,26 @@ CEL_RULES: Final[tuple[CelRule, ...]] = (
             f".{block}",
         )
         for block, methods in (
-            ("lora", ("lora", "qlora")),
-            ("ia3", ("ia3",)),
-            ("prefixTuning", ("prefix-tuning",)),
-            ("promptTuning", ("prompt-tuning",)),
-            ("unfreezing", ("full",)),
-            ("layerwiseLrDecay", ("full",)),
+            *(
+                (field, tuple(name for name, t in METHOD_TRAITS.items() if t.block == field))
+                for field in dict.fromkeys(t.block for t in METHOD_TRAITS.values() if t.block is not None)
+            ),
+            ("unfreezing", tuple(name for name, t in METHOD_TRAITS.items() if t.unfreezing)),
+            ("layerwiseLrDecay", tuple(name for name, t in METHOD_TRAITS.items() if t.unfreezing)),
         )
+    ),
+    CelRule(
+        ("spec",),
+        "!has(self.output.save) || self.output.save != 'merged' || !has(self.method) || !has(self.method.type)"
+        f" || !(self.method.type in {_in_list(tuple(n for n, t in METHOD_TRAITS.items() if t.peft and not t.merges))})",
+        "this method cannot be merged into the base weights; use output.save: adapter",
+        ".output.save",
+    ),
+    CelRule(
+        ("spec", "method"),
+        "!has(self.lora) || !has(self.lora.useDora) || !self.lora.useDora || !has(self.type) || self.type != 'qlora'",
+        "useDora applies to method lora only (DoRA on a 4-bit qlora base is not offered); use method.type: lora",
+        ".lora.useDora",
     ),
     CelRule(
         ("spec", "method", "prefixTuning"),
@@ -225,6 +252,7 @@ OPERATOR_ONLY_RULES: Final = (
     "spec.promotion.gates[*].metric names a computed metric",
     "spec.earlyStopping.metric names a computed metric",
     "spec.evaluation.fairness.metric names a computed metric",
+    "spec.evaluation.slices[*] is not one of the task's columns (their defaults are per task)",
     "spec.retrain.schedule parses as a cron expression (the schema only bounds its length)",
 )
 

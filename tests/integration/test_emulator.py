@@ -1138,7 +1138,7 @@ def test_kopf_operator_full_cycle(crds: K8sApi, k8s_kubeconfig: Path, tmp_path: 
     # update → delete → finalizer removed → object gone → child garbage-collected.
     from kopf.testing import KopfRunner
 
-    operator = tmp_path / "operator.py"
+    operator = tmp_path / "widget_operator.py"  # not operator.py: Kopf puts its folder on sys.path
     operator.write_text(OPERATOR, encoding="utf-8")
     path = f"{GROUP}/v1"
     with KopfRunner(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -65,7 +66,7 @@ def classification_metrics(
     predictions: Sequence[int], labels: Sequence[int], label_names: Sequence[str]
 ) -> dict[str, Any]:
     """Accuracy and macro-averaged precision, recall and F1, per-class scores and the
-    confusion matrix.
+    confusion matrix, computed by scikit-learn's ``sklearn.metrics``.
 
     Macro, not micro: fine-tuning data is often imbalanced, and a micro average (which for
     single-label classification equals accuracy) lets a model that ignores a rare class
@@ -82,6 +83,12 @@ def classification_metrics(
     seen, so that a class missing from the split shows up with support 0. Ids without a name
     are named by their number; ``confusion_labels`` gives the row and column names.
     """
+    from sklearn.metrics import (  # type: ignore[import-untyped]  # noqa: PLC0415
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
     _check_lengths("classification", predictions, labels)
     pred = np.asarray(predictions, dtype=np.int64)
     true = np.asarray(labels, dtype=np.int64)
@@ -89,24 +96,26 @@ def classification_metrics(
         raise ValueError("class ids must be non-negative integers")
     n = max(len(label_names), int(max(pred.max(), true.max())) + 1)
     names = [label_names[i] if i < len(label_names) else str(i) for i in range(n)]
+    every = list(range(n))
 
-    matrix = np.zeros((n, n), dtype=np.int64)
-    np.add.at(matrix, (true, pred), 1)
-    tp = np.diag(matrix).astype(np.float64)
-    predicted = matrix.sum(axis=0).astype(np.float64)
-    support = matrix.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        denom = precision + recall
-        f1 = np.where(denom > 0, 2 * precision * recall / denom, 0.0)
-    present = (support > 0) | (predicted > 0)
+    # Per class over every id (absent ones get 0 and support 0); the macro average over the
+    # ids present in either list (scikit-learn's own default, passed explicitly).
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, pred, labels=every, average=None, zero_division=0
+    )
+    present = np.union1d(true, pred).tolist()
+    macro_p, macro_r, macro_f1, _ = precision_recall_fscore_support(
+        true, pred, labels=present, average="macro", zero_division=0
+    )
+    with warnings.catch_warnings():  # a 1x1 matrix is right when the split has one class
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        matrix = confusion_matrix(true, pred, labels=every)
 
     return {
-        "accuracy": float((pred == true).mean()),
-        "f1": float(f1[present].mean()),
-        "precision": float(precision[present].mean()),
-        "recall": float(recall[present].mean()),
+        "accuracy": float(accuracy_score(true, pred)),
+        "f1": float(macro_f1),
+        "precision": float(macro_p),
+        "recall": float(macro_r),
         "per_class": {
             names[i]: {
                 "precision": float(precision[i]),

@@ -39,7 +39,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from tuneloop.api.spec import FineTuneJobSpec, LoraConfig, Method, ModelSource
+from tuneloop.api.spec import METHOD_TRAITS, FineTuneJobSpec, LoraConfig, Method, ModelSource
+from tuneloop_trainer.dropout import DropoutSetting, apply_dropout
 from tuneloop_trainer.errors import InvalidConfigError, UnsupportedModelError
 
 CONFIG_FILE = "config.json"
@@ -57,19 +58,6 @@ TASK_FAMILIES: dict[str, tuple[Family, ...]] = {
 _FIT_HINT = (
     "encoder models (BERT, MiniLM, DeBERTa) fit sequence-classification, decoder models (GPT-2, Llama, Qwen) "
     "fit causal-lm, encoder-decoder models (T5, BART) fit seq2seq"
-)
-_DROPOUT_ATTRIBUTES = (
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "classifier_dropout",
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "summary_first_dropout",
-    "dropout_rate",
-    "dropout",
-    "attention_dropout",
-    "activation_dropout",
 )
 
 
@@ -203,16 +191,6 @@ def load_tokenizer(resolved: ResolvedModel, family: Family) -> PreTrainedTokeniz
     return tokenizer
 
 
-def _override_dropout(config: PretrainedConfig, dropout: float) -> list[str]:
-    changed = []
-    for name in _DROPOUT_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if isinstance(value, float | int) and not isinstance(value, bool):
-            setattr(config, name, float(dropout))
-            changed.append(name)
-    return changed
-
-
 def mixed_precision(precision: str) -> Literal["no", "bf16", "fp16"]:
     """accelerate's mixed-precision mode for ``hyperparameters.precision``."""
     cuda = torch.cuda.is_available()
@@ -338,6 +316,8 @@ class LoadedModel:
     family: Family
     resolved: ResolvedModel
     config: PretrainedConfig
+    dropout: DropoutSetting | None = None
+    """What ``hyperparameters.dropout`` set (``None``: not asked for)."""
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters."""
@@ -357,9 +337,7 @@ def load_model(
     loaded with :func:`load_config`, to avoid reading it twice)."""
     config = config if config is not None else load_config(resolved)
     family = check_fits_task(config, spec.task, resolved.uri)
-    if spec.hyperparameters.dropout is not None:
-        changed = _override_dropout(config, spec.hyperparameters.dropout)
-        log.info("dropout set to %s on %s", spec.hyperparameters.dropout, ", ".join(changed) or "nothing")
+    dropout = apply_dropout(config, spec.hyperparameters.dropout) if spec.hyperparameters.dropout is not None else None
     # Mismatched shapes are loaded (not raised as a bare RuntimeError) and then refused with a
     # message: the loading info names them.
     kwargs: dict[str, Any] = {
@@ -377,7 +355,9 @@ def load_model(
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     model = apply_method(model, spec.method, spec.task, family, resolved.location)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, resolved=resolved, config=config)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, family=family, resolved=resolved, config=config, dropout=dropout
+    )
 
 
 def _load_for_task(
@@ -537,12 +517,17 @@ def apply_method(model: nn.Module, method: Method, task: str, family: Family, to
             # "all-linear": every linear layer of the blocks, the output head excluded. The
             # QLoRA paper found adapting all of them matters more than the rank.
             target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
+            use_dora=lora.use_dora,
         )
     elif method.type == "ia3":
         targets = method.ia3.target_modules if method.ia3 and method.ia3.target_modules else None
         config = peft.IA3Config(
             task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None
         )
+    elif method.type in ("vera", "loha", "lokr", "bottleneck"):
+        from tuneloop_trainer import adapters  # noqa: PLC0415 - imports peft
+
+        config = adapters.peft_config(method, task_type, str(getattr(model.config, "model_type", "")))
     elif method.type == "prefix-tuning":
         config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens(method))
     else:
@@ -554,12 +539,12 @@ def apply_method(model: nn.Module, method: Method, task: str, family: Family, to
             config.tokenizer_name_or_path = tokenizer_path
     try:
         wrapped = peft.get_peft_model(model, config)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a module type the method does not adapt
         raise UnsupportedModelError(
             f"cannot apply {method.type} to this {family} model: {str(exc).splitlines()[0]}; set the target "
-            "modules explicitly (method.lora.targetModules / method.ia3.targetModules)"
+            f"modules explicitly (method.{_block(method)}.targetModules)"
         ) from None
-    if method.type in ("prefix-tuning", "prompt-tuning"):
+    if METHOD_TRAITS[method.type].virtual_tokens:
         _smoke_forward(wrapped, task, method.type, family)
     return wrapped
 
@@ -571,6 +556,9 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 _PEFT_METHODS: dict[str, str] = {
     "LORA": "lora",
     "IA3": "ia3",
+    "VERA": "vera",
+    "LOHA": "loha",
+    "LOKR": "lokr",
     "PREFIX_TUNING": "prefix-tuning",
     "PROMPT_TUNING": "prompt-tuning",
 }
@@ -625,8 +613,10 @@ def _load_adapter(
 ) -> TrainedModel:
     import peft  # noqa: PLC0415
 
+    from tuneloop_trainer import adapters  # noqa: PLC0415 - imports peft
+
     try:
-        peft_config = peft.PeftConfig.from_pretrained(str(directory))
+        peft_config, own_method = adapters.read_adapter_config(directory)
     except (OSError, ValueError, TypeError) as exc:
         raise UnsupportedModelError(f"cannot read {ADAPTER_CONFIG_FILE} of {uri}: {_first_line(exc)}") from None
     wanted = str(_peft_task_type(spec.task).value)
@@ -635,14 +625,14 @@ def _load_adapter(
     if found is not None and found != wanted:
         raise UnsupportedModelError(f"{uri} is an adapter for task type {found}, not for {spec.task} ({wanted})")
     peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
-    method_name = _PEFT_METHODS.get(peft_type)
+    method_name = own_method or _PEFT_METHODS.get(peft_type)
     if method_name is None:
         raise UnsupportedModelError(f"{uri} is a {peft_type} adapter, which this trainer does not load")
     method = Method.model_validate(
         {"type": method_name}
         | (
             {_camel_method(method_name): {"numVirtualTokens": int(peft_config.num_virtual_tokens)}}
-            if method_name in ("prefix-tuning", "prompt-tuning")
+            if METHOD_TRAITS[method_name].virtual_tokens
             else {}
         )
     )
@@ -672,13 +662,18 @@ def _load_adapter(
         kwargs["quantization_config"] = _four_bit_config()
     model = _load_for_task(spec.task, base, config, tokenizer, names, kwargs=kwargs)
     try:
-        wrapped = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+        wrapped = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=False, config=peft_config)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UnsupportedModelError(
             f"cannot apply the adapter {uri} to {base.uri}: {_first_line(exc)} (was it trained on another base "
             "model? set baseModelUri in promoted.json)"
         ) from None
     return TrainedModel(wrapped, tokenizer, config, method, "adapter", names)
+
+
+def _block(method: Method) -> str:
+    """The settings field of ``method`` (``lora``, ``ia3``, …), for messages."""
+    return METHOD_TRAITS[method.type].block or method.type
 
 
 def _camel_method(name: str) -> str:

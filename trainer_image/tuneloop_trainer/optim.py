@@ -9,6 +9,18 @@ randomly initialised head, lets early noisy gradients wreck the general features
   embeddings the smallest rate, the head the full one;
 * gradual unfreezing: train the head and the top layers first, unfreeze one more group per
   stage, embeddings last.
+
+With more than one process, gradual unfreezing needs care: DistributedDataParallel registers
+the parameters that require gradients *when it is built* and all-reduces only those. The
+model is therefore wrapped with every parameter trainable and frozen afterwards
+(:func:`prepare_for_training`), with ``find_unused_parameters=True``
+(:func:`ddp_kwargs_handlers`) so that DDP accepts the frozen ones getting no gradient. Frozen
+parameters keep ``grad = None`` and AdamW skips them; a block unfrozen later is all-reduced like
+any other. The price is a traversal of the autograd graph per step and, while blocks are
+frozen, all-reducing their (zero) bucket entries: never more communication than full
+fine-tuning. Re-wrapping the model at each stage would avoid that but rebuild DDP's buckets
+behind accelerate's back and re-broadcast the weights; unfreezing stages are few and the
+communication bounded, so correctness without re-wrapping wins.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from tuneloop.api.spec import Unfreezing
@@ -155,6 +168,47 @@ class GradualUnfreezer:
 
     def frozen_names(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if not p.requires_grad]
+
+
+def ddp_kwargs_handlers(unfreezing: bool) -> list[Any]:
+    """accelerate kwargs handlers for the run's ``Accelerator``: with gradual unfreezing, DDP
+    must accept parameters that get no gradient (the frozen ones). Ignored by one process."""
+    if not unfreezing:
+        return []
+    from accelerate.utils import DistributedDataParallelKwargs  # noqa: PLC0415
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+
+
+def prepare_for_training(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    unfreezing: Unfreezing | None,
+    steps_per_epoch: int,
+) -> tuple[Any, Any, Any, GradualUnfreezer | None]:
+    """``accelerator.prepare`` the model, optimizer and scheduler, *then* start gradual
+    unfreezing on the unwrapped model: DDP is built while every parameter that will ever train
+    requires a gradient, so that each is all-reduced once it is unfrozen (see the module's
+    docstring). The accelerator must come with :func:`ddp_kwargs_handlers` ``(True)`` when
+    ``unfreezing`` is set."""
+    prepared_model, prepared_optimizer, prepared_scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unfreezer = (
+        GradualUnfreezer(accelerator.unwrap_model(prepared_model), unfreezing, steps_per_epoch)
+        if unfreezing is not None
+        else None
+    )
+    return prepared_model, prepared_optimizer, prepared_scheduler, unfreezer
+
+
+def peak_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The largest learning rate among the optimizer's parameter groups: the head's under
+    layer-wise decay (the embeddings get the smallest). The rate shown on the console, in
+    Prometheus and in ``learning_rate.png``: the schedule at the rate ``learningRate`` names."""
+    rates = [float(g["lr"]) for g in optimizer.param_groups if g.get("params")]
+    return max(rates, default=0.0)
 
 
 def describe_groups(groups: Iterable[dict[str, Any]]) -> list[str]:

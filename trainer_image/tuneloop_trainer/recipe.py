@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -30,8 +30,12 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from tuneloop.api import FineTuneJob
-from tuneloop.api.spec import GENERATION_METRICS, METRIC_OUTPUTS, Method, ModelSource, metric_direction
+from tuneloop.api.spec import GENERATION_METRICS, METRIC_OUTPUTS, Method, ModelSource, Unfreezing, metric_direction
 from tuneloop.contract import Layout, PromotedPointer, spec_hashes
+from tuneloop_trainer.adapters import quiet_bias_warning
+from tuneloop_trainer.analysis import ErrorAnalysis, analyse_errors
+from tuneloop_trainer.augment import augment_training_split
+from tuneloop_trainer.baselines import BeforeTraining, apply_gain_gates, run_before_training, untouched
 from tuneloop_trainer.batching import (
     collate_packed,
     collate_padded,
@@ -42,6 +46,7 @@ from tuneloop_trainer.batching import (
 from tuneloop_trainer.checkpoints import CheckpointManager, CheckpointState, capture_rng, restore_rng
 from tuneloop_trainer.data import Example, PreparedData, prepare_data
 from tuneloop_trainer.data.profile import DataDrift, DataProfile, build_profile, data_drift, tokenizer_fingerprint
+from tuneloop_trainer.data.replay import EpochRows
 from tuneloop_trainer.errors import InvalidConfigError, UnsupportedModelError
 from tuneloop_trainer.evaluation import (
     EarlyStopper,
@@ -57,6 +62,7 @@ from tuneloop_trainer.evaluation import (
     perplexity,
 )
 from tuneloop_trainer.features import IGNORE_INDEX, Feature, build_features
+from tuneloop_trainer.lengths import measure_lengths
 from tuneloop_trainer.models import (
     LoadedModel,
     TrainedModel,
@@ -70,7 +76,14 @@ from tuneloop_trainer.models import (
     mixed_precision,
     resolve_model,
 )
-from tuneloop_trainer.optim import GradualUnfreezer, describe_groups, parameter_groups
+from tuneloop_trainer.optim import (
+    ddp_kwargs_handlers,
+    describe_groups,
+    parameter_groups,
+    peak_learning_rate,
+    prepare_for_training,
+)
+from tuneloop_trainer.privacy import DifferentialPrivacy
 from tuneloop_trainer.progress import Sinks, StepReport, Throughput
 from tuneloop_trainer.report import ModelCard, TrainingHistory, comparison, plot_curves, write_model_card
 from tuneloop_trainer.sources import Sources
@@ -252,6 +265,8 @@ class FineTuneRecipe:
         self.data_profile: DataProfile | None = None
         self.promoted_profile: DataProfile | None = None
         self.data_drift: DataDrift | None = None
+        self.privacy: DifferentialPrivacy | None = None
+        """DP-SGD (``spec.privacy``): Poisson batches, per-example clipping, noise, the ε spent."""
 
     # --- setup ----------------------------------------------------------------------
 
@@ -259,7 +274,9 @@ class FineTuneRecipe:
         """Data first (cheap, and most failures are there), then the model."""
         seed_everything(self.hp.seed)
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision(self.hp.precision), cpu=not torch.cuda.is_available()
+            mixed_precision=mixed_precision(self.hp.precision),
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=ddp_kwargs_handlers(self._unfreezing() is not None),
         )
         self.device = self.accelerator.device
         self.sinks.phase("validating")
@@ -270,6 +287,10 @@ class FineTuneRecipe:
         self._setup_model()
         self._setup_features()
         self._setup_optimizer()
+
+    def _unfreezing(self) -> Unfreezing | None:
+        """``method.unfreezing`` when it applies (full fine-tuning), else ``None``."""
+        return self.spec.method.unfreezing if self.spec.method.type == "full" else None
 
     def _setup_tokenizer_and_data(self) -> None:
         # Read once, here, through the error path that names the model (an unreachable hub
@@ -304,6 +325,8 @@ class FineTuneRecipe:
         if length_warning is not None:  # printed with the report's lines below, and kept in it
             self.data.report.warnings.append(length_warning)
         self._profile_data()
+        # After profiling: the profile and fingerprint describe the user's rows, not variants.
+        augment_training_split(self.spec, self.data)
         self.sinks.data_report(self.data.report.to_dict())
         for line in self.data.report.summary_lines():
             self.sinks.message(f"   {line}")
@@ -389,6 +412,35 @@ class FineTuneRecipe:
             f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(1, total):.2f} %), "
             f"method {self.spec.method.type}, precision {self.accelerator.mixed_precision}"
         )
+        dropout = self.loaded.dropout
+        if dropout is not None:  # hyperparameters.dropout: what it set, or that it could set nothing
+            self.sinks.message(f"   {dropout.summary()}")
+            if dropout.warning is not None:
+                self.notes.append(dropout.warning)
+
+    def _report_lengths(self) -> None:
+        """Token lengths per split and what maxSeqLength truncated (:mod:`tuneloop_trainer.lengths`):
+        into the validation report, the log, and a warning when truncation is common."""
+        data = self.data
+        lengths = measure_lengths(
+            {
+                "train": (data.train, self.train_features),
+                "validation": (data.validation, self.validation_features),
+                "test": (data.test, self.test_features),
+                "out_of_domain": (data.out_of_domain, self.ood_features),
+                "forgetting": (data.forgetting, self.forgetting_features),
+            },
+            self.spec.task,
+            self.tokenizer,
+            self.hp.max_seq_length,
+            self.spec.columns(),
+        )
+        data.report.lengths = lengths.to_dict()
+        for line in lengths.summary_lines():
+            self.sinks.message(f"   {line}")
+        for warning in lengths.warnings():
+            data.report.warnings.append(warning)
+            self.sinks.message(f"   warning: {warning}")
 
     def _setup_features(self) -> None:
         columns = self.spec.columns()
@@ -403,15 +455,30 @@ class FineTuneRecipe:
         self.test_features = feats(self.data.test)
         self.ood_features = feats(self.data.out_of_domain)
         self.forgetting_features = feats(self.data.forgetting)
+        self._report_lengths()
         if not self.train_features:
             from tuneloop_trainer.errors import InvalidDataError  # noqa: PLC0415
 
             raise InvalidDataError("no training examples after cleaning and splitting")
+        self.before_training = self._before_training()
         # Packing needs position ids to reach the attention; virtual-token methods prepend
         # tokens and shift positions, so they train on padded batches instead.
         self.packing = self.spec.packing() and self.spec.method.type not in ("prefix-tuning", "prompt-tuning")
         if self.spec.packing() and not self.packing:
             self.notes.append(f"packing is off: {self.spec.method.type} prepends virtual tokens")
+        # dataset.replay: each epoch's own draw, after the user's rows (data/replay.py).
+        self.epoch_rows = EpochRows(len(self.train_features), self.data.replay, self.hp.epochs)
+        n_user = len(self.train_features)
+        self.train_features += [
+            replace(f, index=n_user + k) for k, f in enumerate(feats(self.epoch_rows.replay_examples()))
+        ]
+        if self.spec.privacy is not None:
+            self.privacy = DifferentialPrivacy(
+                self.spec.privacy,
+                train_rows=len(self.train_features),
+                batch_size=self.hp.batch_size,
+                mixed_precision=self.accelerator.mixed_precision,
+            )
         self.batches_per_epoch = len(self._train_batches(0))
         world = self.accelerator.num_processes
         per_rank = self.batches_per_epoch // world if world > 1 else self.batches_per_epoch
@@ -419,6 +486,47 @@ class FineTuneRecipe:
         self.total_steps = self.steps_per_epoch * self.hp.epochs
         if self.hp.max_steps is not None:
             self.total_steps = min(self.total_steps, self.hp.max_steps)
+
+    def _before_training(self) -> BeforeTraining:
+        """Baselines and label-error detection (:mod:`tuneloop_trainer.baselines`), on the base
+        model before any step; ``dataset.labelIssues: drop`` leaves the flagged rows out of training."""
+        model = self.loaded.model
+        if not getattr(model, "is_loaded_in_4bit", False):  # bitsandbytes placed it already
+            model.to(self.device)
+        evaluated = (self.data.test, self.test_features, "test")
+        if not self.test_features:
+            evaluated = (self.data.validation, self.validation_features, "validation")
+
+        def evaluate_base(features: Sequence[Feature], examples: Sequence[Example]) -> dict[str, float]:
+            base = EvalTarget(model, self.tokenizer, self.model_config, Method(type="full"))
+            with untouched(model) as plain:
+                base.model = plain
+                return self.evaluate(features, examples, final=True, target=base).metrics
+
+        found = run_before_training(
+            self.spec,
+            model=model,
+            train=(self.data.train, self.train_features),
+            evaluated=evaluated,
+            label_names=self.data.label_names,
+            pad_id=int(self.tokenizer.pad_token_id),
+            device=self.device,
+            batch_size=self.hp.batch_size * 2,
+            autocast=self.accelerator.autocast,
+            evaluate_base=evaluate_base,
+        )
+        lines = found.baselines.lines() if found.baselines is not None else []
+        if found.label_issues is not None:
+            self.data.report.label_issues = found.label_issues.to_dict()
+            self.data.report.label_issues_line = found.label_issues.summary_line()
+            lines.append(self.data.report.label_issues_line)
+        if found.keep is not None:
+            self.data.train = [self.data.train[i] for i in found.keep]
+            self.train_features = [replace(self.train_features[i], index=j) for j, i in enumerate(found.keep)]
+            self.data.report.sizes["train"] = len(self.data.train)
+        for line in lines:
+            self.sinks.message(f"   {line}")
+        return found
 
     def _setup_optimizer(self) -> None:
         model = self.loaded.model
@@ -432,18 +540,25 @@ class FineTuneRecipe:
         scheduler = get_scheduler(
             self.hp.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
-        # Built after the optimizer so every block's parameters are in a group before it freezes them.
-        self.unfreezer = (
-            GradualUnfreezer(model, self.spec.method.unfreezing, self.steps_per_epoch)
-            if self.spec.method.type == "full" and self.spec.method.unfreezing is not None
-            else None
+        if self.privacy is not None:  # per-example gradient hooks and the DP optimizer (clipping, noise)
+            optimizer = self.privacy.attach(model, optimizer, self.total_steps)
+        # Unfreezing starts after the optimizer (every block's parameters are in a group) and
+        # after DDP is built (every block is all-reduced once unfrozen): optim.prepare_for_training.
+        self.model, self.optimizer, self.scheduler, self.unfreezer = prepare_for_training(
+            self.accelerator,
+            model,
+            optimizer,
+            scheduler,
+            unfreezing=self._unfreezing(),
+            steps_per_epoch=self.steps_per_epoch,
         )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.class_weights = (
             torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.device)
             if self.data.class_weights
             else None
         )
+        if self.privacy is not None:
+            self.privacy.check_per_sample_gradients(lambda rows: self._forward_loss_sum(*self._collate_train(rows)[:2]))
         es = self.spec.early_stopping
         self.selection_metric = es.metric if es else "eval_loss"
         mode = (es.mode if es and es.mode else None) or metric_direction(self.selection_metric)
@@ -595,10 +710,17 @@ class FineTuneRecipe:
     # --- batching -------------------------------------------------------------------
 
     def _train_batches(self, epoch: int) -> list[list[int]] | list[list[list[int]]]:
-        lengths = [f.length for f in self.train_features]
+        if self.privacy is not None:  # DP-SGD's guarantee assumes Poisson-sampled batches
+            return self.privacy.batches()
+        rows = self.epoch_rows.rows(epoch)  # the user's rows and this epoch's replay draw
+        lengths = [self.train_features[i].length for i in rows]
         if self.packing:
-            return packed_batches(lengths, self.hp.max_seq_length, self.hp.batch_size, self.hp.seed, epoch)
-        return length_grouped_batches(lengths, self.hp.batch_size, self.hp.seed, epoch)
+            packed = packed_batches(lengths, self.hp.max_seq_length, self.hp.batch_size, self.hp.seed, epoch)
+            return [[[rows[i] for i in seq] for seq in batch] for batch in packed]
+        return [
+            [rows[i] for i in batch]
+            for batch in length_grouped_batches(lengths, self.hp.batch_size, self.hp.seed, epoch)
+        ]
 
     def _rank_batches(self, epoch: int, rank: int, world: int) -> list[Any]:
         """This process's share of an epoch. Every rank gets the same number of batches
@@ -672,16 +794,25 @@ class FineTuneRecipe:
                     params = [p for p in model.parameters() if p.requires_grad]
                 t0 = time.monotonic()
                 model.train()
-                group = [self._collate_train(b) for b in batches[start : start + accum]]
+                # A Poisson draw (privacy) may be empty: the step then applies noise alone.
+                group = [self._collate_train(b) for b in batches[start : start + accum] if len(b)]
                 total_units = max(1, sum(u for _, u, _ in group))
                 loss_total = 0.0
                 for i, (tensors, units, _tokens) in enumerate(group):
                     sync = contextlib.nullcontext() if i == len(group) - 1 else acc.no_sync(model)
+                    rows = int(tensors["input_ids"].shape[0])
+                    if self.privacy is not None:
+                        self.privacy.start_batch(rows)
                     with sync, acc.autocast():
                         loss_sum = self._forward_loss_sum(tensors, units)
-                    acc.backward(loss_sum / total_units)
+                    # DP-SGD: each example's gradient must be that of its own loss (not / batch tokens).
+                    acc.backward(loss_sum / (self.privacy.loss_divisor(rows) if self.privacy else total_units))
                     loss_total += float(loss_sum.detach())
-                grad_norm = acc.clip_grad_norm_(params, self.hp.max_grad_norm) if params else None
+                if self.privacy is not None:  # the DP optimizer clips each example's gradient instead
+                    self.privacy.before_step(empty=not group)
+                    grad_norm = None
+                else:
+                    grad_norm = acc.clip_grad_norm_(params, self.hp.max_grad_norm) if params else None
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -697,7 +828,7 @@ class FineTuneRecipe:
                     total_steps=self.total_steps,
                     epoch=epoch + min(1.0, (start + accum) / max(1, len(batches))),
                     loss=loss_total / total_units,
-                    learning_rate=float(self.scheduler.get_last_lr()[-1] if self.scheduler.get_last_lr() else 0.0),
+                    learning_rate=peak_learning_rate(self.optimizer),
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
                     tokens=tokens,
                     samples=sum(
@@ -961,6 +1092,8 @@ class FineTuneRecipe:
         """Final evaluation on the best weights, the promoted model on the same splits, gates,
         and outputs."""
         self.sinks.phase("evaluating")
+        if self.privacy is not None:
+            self.privacy.detach()
         self._restore_best()
         test_features, test_examples = self.test_features, self.data.test
         if not test_features:
@@ -969,6 +1102,10 @@ class FineTuneRecipe:
         test = self.evaluate(test_features, test_examples, final=True)
         metrics = dict(test.metrics)
         self.sinks.evaluation(self.step, "test", metrics)
+        if self.privacy is not None:
+            spent = self.privacy.spent(self.step)
+            metrics.update(spent.metrics())
+            self.sinks.message(f"   {spent.summary_line()}")
         if self.ood_features:
             ood = self.evaluate(self.ood_features, self.data.out_of_domain, final=True)
             metrics.update({f"ood_{k}": v for k, v in ood.metrics.items()})
@@ -980,6 +1117,9 @@ class FineTuneRecipe:
             forgetting = forgetting_check(self.base_forgetting_perplexity, tuned, forgetting_spec.max_increase)
             metrics["forgetting_increase"] = forgetting.relative_increase
         fairness = self._fairness(test, test_examples)
+        analysis = analyse_errors(
+            self.spec, test_examples, test, self.data.label_names, split="test" if self.test_features else "validation"
+        )
         if fairness is not None:
             metrics["fairness_gap"] = fairness.gap
         # The candidate is done with: written to disk, it leaves memory before the promoted
@@ -988,7 +1128,12 @@ class FineTuneRecipe:
         promoted = None
         if self.promoted_pointer is not None:
             promoted = self._evaluate_promoted(self.promoted_pointer, test_examples)
-        gates = evaluate_gates(self.spec.promotion.gates, metrics, promoted)
+        baselines = self.before_training.baselines
+        if baselines is not None:  # baseline_<name>_<metric> and gain_over_baseline
+            metrics.update(baselines.summary_metrics(metrics))
+        gates = apply_gain_gates(
+            self.spec.promotion.gates, evaluate_gates(self.spec.promotion.gates, metrics, promoted), baselines
+        )
         passed = (
             all(g.passed for g in gates)
             and (forgetting is None or forgetting.passed)
@@ -1003,6 +1148,7 @@ class FineTuneRecipe:
             passed=passed,
             promoted=promoted,
             save_format=save_format,
+            analysis=analysis,
         )
         return RunResult(
             passed=passed,
@@ -1189,7 +1335,8 @@ class FineTuneRecipe:
         if save_format == "merged":
             model = model.merge_and_unload()
         if self.accelerator.is_main_process:
-            model.save_pretrained(model_dir, safe_serialization=True)
+            with quiet_bias_warning(self.spec.method.type):
+                model.save_pretrained(model_dir, safe_serialization=True)
             self.tokenizer.save_pretrained(model_dir)
         return save_format
 
@@ -1204,6 +1351,7 @@ class FineTuneRecipe:
         passed: bool,
         promoted: PromotedEvaluation | None,
         save_format: str,
+        analysis: ErrorAnalysis | None = None,
     ) -> tuple[str, str]:
         """Write model card and report next to the model written by :meth:`_write_model`, then
         upload them all."""
@@ -1246,9 +1394,14 @@ class FineTuneRecipe:
             save_format=save_format,
             promoted=comparison(metrics, gates, promoted),
             data_drift=self.data_drift.to_dict() if self.data_drift is not None else None,
+            baselines=self.before_training.baselines.to_dict(metrics) if self.before_training.baselines else None,
+            error_analysis=analysis.to_dict() if analysis is not None else None,
+            privacy=self.privacy.spent(self.step).to_dict() if self.privacy is not None else None,
         )
         write_model_card(card, local)
         plot_curves(self.history, report_dir)
+        if analysis is not None:
+            analysis.write(report_dir)
         (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (report_dir / "validation-report.json").write_text(json.dumps(self.data.report.to_dict(), indent=2))
         (report_dir / "history.json").write_text(json.dumps(self.history.to_dict()))

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from tuneloop.api.spec import metric_direction
+from tuneloop_trainer.analysis import render_markdown as render_error_analysis
+from tuneloop_trainer.card_data import data_section
 from tuneloop_trainer.evaluation import GateResult, PromotedEvaluation
 
 MODEL_CARD_MD: Final = "model-card.md"
@@ -126,7 +128,8 @@ def plot_curves(history: TrainingHistory, directory: Path) -> list[Path]:
 
     * ``loss.png``: training loss per step (raw, and smoothed when noisy) with the
       validation loss at each evaluation: the gap between them shows overfitting.
-    * ``learning_rate.png``: the schedule as run (warmup, decay, unfreezing stages).
+    * ``learning_rate.png``: the schedule as run (warmup, decay), at its peak: the largest
+      parameter group's rate (the head's under layer-wise decay).
     * ``grad_norm.png``: gradient norms before clipping; spikes precede divergence.
     * ``metrics.png``: each validation metric against the step, one panel per metric
       (their scales differ: BLEU is 0-100, F1 0-1).
@@ -235,6 +238,16 @@ class ModelCard:
     data_drift: dict[str, Any] | None = None
     """How far the training data moved since the promoted run
     (:meth:`tuneloop_trainer.data.profile.DataDrift.to_dict`); ``None`` when nothing was promoted."""
+    baselines: dict[str, Any] | None = None
+    """The baselines measured before training and the gain over the best
+    (:meth:`tuneloop_trainer.baselines.BaselineReport.to_dict`); ``None`` when they were off."""
+    privacy: dict[str, Any] | None = None
+    """The differential-privacy guarantee the weights carry
+    (:meth:`tuneloop_trainer.privacy.PrivacySpent.to_dict`: ε spent, δ, noise, sampling); ``None``
+    when the run trained without ``spec.privacy``."""
+    error_analysis: dict[str, Any] | None = None
+    """Where the model fails (:meth:`tuneloop_trainer.analysis.ErrorAnalysis.to_dict`): confusion
+    matrix, worst examples, metrics per slice."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: camelCase keys at the top level, no NaN."""
@@ -329,6 +342,31 @@ def _verdict(card: ModelCard) -> str:
     return f"**Result: failed — must not be promoted** ({because})."
 
 
+def _baselines_section(baselines: Mapping[str, Any] | None) -> list[str]:
+    """What cheap baselines score on the same split, and how much fine-tuning gained over the best."""
+    if not baselines or not baselines.get("baselines"):
+        return []
+    split = baselines.get("split", "test")
+    out = ["### Baselines", "", f"Measured before training on the same {split} split, with the same metrics.", ""]
+    rows = baselines["baselines"]
+    names = list(dict.fromkeys(k for b in rows for k in b.get("metrics", {})))
+    out += _table(
+        ["Baseline", *names, "Rows", "Seconds"],
+        [
+            [f"{b['name']}: {b['description']}", *(b["metrics"].get(n) for n in names), b["rows"], b["seconds"]]
+            for b in rows
+        ],
+    )
+    gain = baselines.get("gain")
+    if gain:
+        out += [f"Gain on {gain['metric']} over the best baseline ({gain['over']}): {gain['value']:+.4g}.", ""]
+    costs = baselines.get("seconds") or {}
+    if costs:
+        out += ["Cost before training: " + ", ".join(f"{k} {v:.1f} s" for k, v in costs.items()) + ".", ""]
+    out += [f"{note}." if not str(note).endswith(".") else str(note) for note in baselines.get("notes", [])]
+    return out
+
+
 def _render_markdown(card: ModelCard) -> str:
     out: list[str] = [f"# Model card: {card.job}, run {card.run}", "", _verdict(card), ""]
     out += _table(
@@ -357,16 +395,14 @@ def _render_markdown(card: ModelCard) -> str:
         "tested on the same rows.",
         "",
     ]
-    if card.validation_report:
-        out += _table(["Validation report", "Value"], list(card.validation_report.items()))
-    else:
-        out += ["No data validation report was recorded.", ""]
+    out += data_section(card.validation_report)
 
     out += ["## Training setup", ""]
     out += _table(["Setting", "Value"], list(card.hyperparameters.items()))
+    out += _render_privacy(card.privacy)
 
     out += ["## Results", ""]
-    test = {k: v for k, v in card.metrics.items() if not k.startswith("ood_")}
+    test = {k: v for k, v in card.metrics.items() if not k.startswith(("ood_", "baseline_", "privacy_"))}
     names = list(dict.fromkeys([*test, *card.validation_metrics]))
     if names:
         out += [
@@ -408,6 +444,10 @@ def _render_markdown(card: ModelCard) -> str:
             delta = value - in_domain if in_domain is not None else None
             rows.append([base, in_domain, value, delta])
         out += _table(["Metric", "Test (in domain)", "Out of domain", "Difference"], rows)
+
+    out += render_error_analysis(card.error_analysis)
+
+    out += _baselines_section(card.baselines)
 
     out += ["## Promotion gates", ""]
     if card.gates:
@@ -486,6 +526,34 @@ def _render_markdown(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _render_privacy(privacy: Mapping[str, Any] | None) -> list[str]:
+    if not privacy:
+        return []
+    return [
+        "## Differential privacy",
+        "",
+        f"Trained with DP-SGD (Opacus): the weights are **(ε = {_fmt(privacy.get('epsilon'))}, "
+        f"δ = {_fmt(privacy.get('delta'))})-differentially private** with respect to each training row "
+        f"(target ε {_fmt(privacy.get('targetEpsilon'))}, {privacy.get('accountant', 'rdp').upper()} accountant).",
+        "",
+        *_table(
+            ["Setting", "Value"],
+            [
+                ["DP-SGD steps", privacy.get("steps")],
+                ["Noise multiplier", privacy.get("noiseMultiplier")],
+                ["Per-row gradient clipping norm", privacy.get("maxGradNorm")],
+                ["Sampling", f"Poisson, rate {_fmt(privacy.get('sampleRate'))}"],
+                ["Expected batch size", privacy.get("expectedBatchSize")],
+                ["Training rows", privacy.get("trainRows")],
+                ["Noise calibration (s)", privacy.get("setupSeconds")],
+            ],
+        ),
+        "The guarantee covers the weights only: the training-loss curve, the data profile and the validation "
+        "report are computed from the training rows directly.",
+        "",
+    ]
 
 
 def _render_comparison(card: ModelCard) -> list[str]:

@@ -121,7 +121,11 @@ class PrometheusSink:
             return Histogram(METRIC_PREFIX + name, doc, _LABELS, registry=self.registry, buckets=buckets)
 
         self.loss = gauge("loss", "Training loss of the latest optimizer step.")
-        self.learning_rate = gauge("learning_rate", "Learning rate of the latest optimizer step.")
+        self.learning_rate = gauge(
+            "learning_rate",
+            "Peak learning rate of the latest optimizer step (the largest parameter group's: the head's under "
+            "layer-wise decay).",
+        )
         self.grad_norm = gauge("grad_norm", "Gradient norm (before clipping) of the latest optimizer step.")
         self.step_gauge = gauge("step", "Optimizer steps done.")
         self.total_steps = gauge("total_steps", "Optimizer steps planned.")

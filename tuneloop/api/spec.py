@@ -9,6 +9,7 @@ the CRD (see :mod:`tuneloop.crd`), so the API server refuses what this module re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Final, Literal, Self
 
 from pydantic import Field, model_validator
@@ -30,7 +31,9 @@ from tuneloop.api.types import (
 )
 
 TaskType = Literal["sequence-classification", "causal-lm", "seq2seq"]
-MethodType = Literal["full", "lora", "qlora", "ia3", "prefix-tuning", "prompt-tuning"]
+MethodType = Literal[
+    "full", "lora", "qlora", "ia3", "prefix-tuning", "prompt-tuning", "vera", "loha", "lokr", "bottleneck"
+]
 MetricName = Literal["accuracy", "f1", "precision", "recall", "rouge", "bleu", "perplexity"]
 
 #: Which metrics each task can compute. F1 and friends need labels; ROUGE and BLEU need
@@ -63,18 +66,49 @@ GENERATION_METRICS: Final = frozenset({"rouge", "bleu"})
 LOWER_IS_BETTER: Final = frozenset(
     {"eval_loss", "perplexity", "ood_eval_loss", "ood_perplexity", "forgetting_increase", "fairness_gap"}
 )
-PEFT_METHODS: Final = frozenset({"lora", "qlora", "ia3", "prefix-tuning", "prompt-tuning"})
-#: Learning rates used when ``hyperparameters.learningRate`` is omitted: small for full
-#: fine-tuning (large updates destroy pretrained features), larger for adapters, whose few
-#: fresh parameters start from zero or random values.
-DEFAULT_LEARNING_RATES: Final[dict[str, float]] = {
-    "full": 2.0e-5,
-    "lora": 2.0e-4,
-    "qlora": 2.0e-4,
-    "ia3": 3.0e-3,
-    "prefix-tuning": 1.0e-2,
-    "prompt-tuning": 3.0e-2,
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What sets one fine-tuning method apart from the others: checks ask a method's traits,
+    never its name."""
+
+    learning_rate: float
+    """Peak learning rate when ``hyperparameters.learningRate`` is omitted."""
+    block: str | None
+    """The camelCase field of ``spec.method`` holding the method's settings (None: none)."""
+    peft: bool = True
+    """An adapter trained on a frozen base model (saved alone unless ``output.save: merged``)."""
+    target_modules: bool = False
+    """The adapter wraps named modules (``targetModules``; omitted: the architecture's defaults)."""
+    merges: bool = False
+    """The trained adapter folds into the base weights (``output.save: merged``)."""
+    virtual_tokens: bool = False
+    """Trained tokens are put before every input (they take positions; no sequence packing)."""
+    unfreezing: bool = False
+    """Gradual unfreezing and layer-wise learning-rate decay apply (they act on base weights)."""
+    needs_gpu: bool = False
+    """Needs a CUDA GPU (``resources.gpus >= 1``)."""
+
+
+#: Every method's traits. Learning rates: small for full fine-tuning (large updates destroy
+#: pretrained features), larger for adapters, whose few fresh parameters start from zero or
+#: random values; largest for methods that train a handful of scales or tokens.
+METHOD_TRAITS: Final[dict[str, MethodTraits]] = {
+    "full": MethodTraits(2.0e-5, None, peft=False, unfreezing=True),
+    "lora": MethodTraits(2.0e-4, "lora", target_modules=True, merges=True),
+    "qlora": MethodTraits(2.0e-4, "lora", target_modules=True, merges=True, needs_gpu=True),
+    "ia3": MethodTraits(3.0e-3, "ia3", target_modules=True, merges=True),
+    "prefix-tuning": MethodTraits(1.0e-2, "prefixTuning", virtual_tokens=True),
+    "prompt-tuning": MethodTraits(3.0e-2, "promptTuning", virtual_tokens=True),
+    "vera": MethodTraits(4.0e-3, "vera", target_modules=True, merges=True),
+    "loha": MethodTraits(2.0e-4, "loha", target_modules=True, merges=True),
+    "lokr": MethodTraits(2.0e-4, "lokr", target_modules=True, merges=True),
+    "bottleneck": MethodTraits(1.0e-4, "bottleneck", target_modules=True),
 }
+PEFT_METHODS: Final = frozenset(name for name, traits in METHOD_TRAITS.items() if traits.peft)
+#: Learning rates used when ``hyperparameters.learningRate`` is omitted (see :data:`METHOD_TRAITS`).
+DEFAULT_LEARNING_RATES: Final[dict[str, float]] = {name: t.learning_rate for name, t in METHOD_TRAITS.items()}
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -191,6 +225,37 @@ class ReplayData(ApiModel):
     """Fraction of each training epoch drawn from the replay data."""
 
 
+AugmentOperation = Literal["swap", "delete", "insert"]
+AUGMENT_OPERATIONS: Final[tuple[AugmentOperation, ...]] = ("swap", "delete", "insert")
+
+
+class Augmentation(ApiModel):
+    """Opt-in augmentation of the training split: extra rows made by perturbing the words of
+    training inputs. Validation, test, out-of-domain and replay rows are never augmented, and
+    the data fingerprint and data profile describe the user's rows only."""
+
+    method: Literal["eda"] = "eda"
+    """``eda``: easy data augmentation (Wei and Zou, 2019) without synonyms: each new row is a
+    copy of a training row with some of its words swapped, deleted, or repeated at another
+    place. Synonym replacement is left out because it needs WordNet, which trainer pods
+    cannot download. What is perturbed: the ``text`` (sequence-classification), the
+    ``source`` (seq2seq) or the ``prompt`` (causal-lm with prompt/completion); labels,
+    targets and completions stay as written."""
+    ratio: Annotated[float, Field(gt=0.0, le=16.0)] = 1.0
+    """New rows per distinct training row: ``1`` adds one variant of every row, ``0.5`` one
+    variant of a seeded half of them, ``2`` two variants of each."""
+    strength: Annotated[float, Field(gt=0.0, le=0.5)] = 0.1
+    """Share of a row's words each operation changes (at least one word)."""
+    operations: Annotated[list[AugmentOperation], Field(min_length=1, max_length=3)] = Field(
+        default_factory=lambda: list(AUGMENT_OPERATIONS)
+    )
+    """Operations to draw from, one per new row: ``swap`` two words, ``delete`` words (never
+    all of them), ``insert`` a copy of one of the row's words at another place."""
+    seed: Annotated[int, Field(ge=0)] | None = None
+    """Seed of the draws; omit to use ``hyperparameters.seed``. Each row's variants depend on
+    the seed and the row's content only, so a resumed run trains on the same rows."""
+
+
 class Dataset(ApiModel):
     """The training data."""
 
@@ -210,6 +275,20 @@ class Dataset(ApiModel):
     """PII screening (on by default: masks)."""
     replay: ReplayData | None = None
     """General-domain replay data against forgetting."""
+    label_issues: Literal["off", "report", "drop"] = "off"
+    """Label-error detection (sequence-classification only). Before training, a linear probe
+    (logistic regression on the frozen base model's mean-pooled features, the same one
+    ``evaluation.baselines`` uses; one forward pass over the data) predicts every training row
+    out of fold (5 folds, fewer when a class has fewer rows), and Cleanlab's
+    ``find_label_issues`` flags the rows whose given label the probe finds unlikely. ``report``
+    lists them in the validation report (split index, a PII-masked excerpt of the text, the
+    given and the suggested label, the probe's confidence in the given label; at most 50
+    rows, plus the total); ``drop`` also removes them from the training split, never from
+    validation or test (so the metrics stay comparable). Needs at least 2 rows per class in
+    training. Its cost in seconds is in the report."""
+    augmentation: Augmentation | None = None
+    """Augmentation of the training split (off when omitted); the validation report says how
+    many rows it added."""
 
 
 class LoraConfig(ApiModel):
@@ -226,6 +305,60 @@ class LoraConfig(ApiModel):
     ) = None
     """Module names to adapt (e.g. ``[q_proj, v_proj]``); omit to pick the attention and
     MLP projections of the architecture automatically."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, ``lora`` only): each adapted weight is split into a
+    magnitude vector and a direction; LoRA updates the direction and the magnitude is trained
+    alongside. Often closer to full fine-tuning at low rank, at roughly twice LoRA's step
+    time. Merges like LoRA."""
+
+
+TargetModules = Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=64)]
+
+
+class VeraConfig(ApiModel):
+    """VeRA settings: one pair of frozen random low-rank matrices shared by every adapted
+    layer, and two small trained scaling vectors per layer, so far fewer trained parameters
+    than LoRA at a much higher rank. The random matrices are saved with the adapter."""
+
+    r: Annotated[int, Field(gt=0, le=4096)] = 256
+    """Rank of the shared random matrices (high ranks cost little: they are not trained)."""
+    dropout: Ratio = 0.0
+    """Dropout on the adapter input."""
+    target_modules: TargetModules | None = None
+    """Module names to adapt; omit for the architecture's defaults (the attention query and
+    value projections)."""
+
+
+class LycorisConfig(ApiModel):
+    """LoHa / LoKr settings: the weight update is a Hadamard product of two low-rank products
+    (LoHa) or a Kronecker product of a small matrix and a low-rank one (LoKr), which reach
+    a higher effective rank than LoRA for the same trained parameters."""
+
+    r: Annotated[int, Field(gt=0, le=1024)] = 8
+    """Rank of the low-rank factors."""
+    alpha: Annotated[int, Field(gt=0, le=4096)] = 8
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    target_modules: TargetModules | None = None
+    """Module names to adapt; omit for the architecture's defaults (attention projections)."""
+
+
+class BottleneckConfig(ApiModel):
+    """Bottleneck adapter settings (Houlsby et al. 2019; Pfeiffer et al. 2021): after each
+    adapted output projection a small two-layer network (down-projection, nonlinearity,
+    up-projection) adds a residual correction to the projection's output. The up-projection
+    starts at zero, so training starts from the base model's behaviour. It is non-linear, so
+    it cannot be merged into the base weights (``output.save: merged`` is refused)."""
+
+    reduction_factor: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Width of the bottleneck as a fraction of the adapted layer's output width: 16 turns a
+    768-wide output into a 48-wide bottleneck (at least 1)."""
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Activation between the down- and up-projection."""
+    target_modules: TargetModules | None = None
+    """Output projections after which an adapter is placed; omit for the feed-forward output
+    of every block (BERT-style ``output.dense`` also matches the attention output, which gives
+    Houlsby's placement: after attention and after the feed-forward). Add the attention output
+    projection (e.g. ``o_proj``, ``c_proj``) for Houlsby's placement on other architectures."""
 
 
 class Ia3Config(ApiModel):
@@ -265,9 +398,20 @@ class Method(ApiModel):
 
     type: MethodType = "lora"
     """``full`` fine-tuning, or a parameter-efficient method: ``lora``, ``qlora`` (LoRA on a
-    4-bit base; needs a GPU), ``ia3``, ``prefix-tuning``, ``prompt-tuning``."""
+    4-bit base; needs a GPU), ``ia3``, ``prefix-tuning``, ``prompt-tuning``, ``vera``,
+    ``loha``, ``lokr``, ``bottleneck`` (a Houlsby/Pfeiffer bottleneck adapter, built on peft's
+    LoRA layer machinery and saved in peft's format). DoRA is ``lora`` with
+    ``lora.useDora: true``."""
     lora: LoraConfig | None = None
     """LoRA settings (``lora``, ``qlora``)."""
+    vera: VeraConfig | None = None
+    """VeRA settings (``vera``)."""
+    loha: LycorisConfig | None = None
+    """LoHa settings (``loha``)."""
+    lokr: LycorisConfig | None = None
+    """LoKr settings (``lokr``)."""
+    bottleneck: BottleneckConfig | None = None
+    """Bottleneck adapter settings (``bottleneck``)."""
     ia3: Ia3Config | None = None
     """IA3 settings (``ia3``)."""
     prefix_tuning: VirtualTokensConfig | None = None
@@ -285,8 +429,8 @@ class Hyperparameters(ApiModel):
     """Optimisation settings. The defaults are conservative choices for fine-tuning."""
 
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    """Peak learning rate; omit for the method's default (2e-5 full, 2e-4 LoRA/QLoRA,
-    3e-3 IA3, 1e-2 prefix-tuning, 3e-2 prompt-tuning)."""
+    """Peak learning rate; omit for the method's default (2e-5 full, 2e-4 LoRA/QLoRA/LoHa/LoKr,
+    3e-3 IA3, 4e-3 VeRA, 1e-4 bottleneck, 1e-2 prefix-tuning, 3e-2 prompt-tuning)."""
     epochs: Annotated[int, Field(gt=0, le=1000)] = 3
     """Passes over the training split."""
     max_steps: Annotated[int, Field(gt=0)] | None = None
@@ -380,6 +524,23 @@ class Evaluation(ApiModel):
     """Forgetting check (causal-lm, seq2seq); reported as ``forgetting_increase``."""
     fairness: Fairness | None = None
     """Fairness check per group; reported as ``fairness_gap``."""
+    baselines: bool = True
+    """Before training, evaluate what is cheap to know, on the split the final metrics use (test,
+    else validation), with the same metrics: for sequence-classification the majority class
+    (trained-split class frequencies) and a linear probe (logistic regression on the frozen base
+    model's mean-pooled features; one forward pass over train and test); for causal-lm and
+    seq2seq the untouched base model on that split (its first 128 rows when ROUGE or BLEU are
+    computed: generation is one ``generate()`` per row). Reported as ``baseline_<name>_<metric>``
+    (``majority``, ``probe``, ``base``) and ``gain_over_baseline``: the selection metric's (``earlyStopping.metric``,
+    default ``eval_loss``) gain over the best baseline, in the metric's better direction
+    (positive: the fine-tuned model is better). Their cost in seconds is in the report. Set
+    false to skip them (``minGainOverBaseline`` then cannot be used)."""
+    slices: Annotated[list[ColumnName], Field(max_length=8)] = Field(default_factory=list)
+    """Columns to break the test metrics down by (a language, a source, a product line):
+    the error analysis (``report/error-analysis.json`` and the model card) reports the
+    metrics for each of their values, beside the fairness group column's. Read from the
+    test data like the group column, never used as a feature; rows without a value count
+    as ``(none)``."""
 
 
 class Gate(ApiModel):
@@ -394,6 +555,13 @@ class Gate(ApiModel):
     min_improvement: float | None = None
     """The metric must beat the promoted model's by at least this much (in the metric's
     better direction); passes when nothing is promoted yet."""
+    min_gain_over_baseline: float | None = None
+    """The metric must beat the best baseline (``evaluation.baselines``: majority class and
+    linear probe for classification, the untouched base model for generation) on the same
+    split by at least this much, in the metric's better direction: a run that fine-tunes for
+    nothing is not promoted. ``0`` asks only to beat it; the metric must be one the baselines
+    compute (``eval_loss`` or an ``evaluation.metrics`` output, not ``ood_*``, ``fairness_gap``
+    or ``forgetting_increase``)."""
 
 
 class Promotion(ApiModel):
@@ -565,6 +733,35 @@ class Retrain(ApiModel):
     checkpoints kept) and starts the new spec at once."""
 
 
+class Privacy(ApiModel):
+    """Differential privacy: train with DP-SGD (Opacus) so that the trained weights are
+    (ε, δ)-differentially private with respect to each training row. Each step draws its batch by
+    Poisson sampling (every row independently, with probability batchSize / rows rounded to
+    Opacus' ``1 / ceil(rows / batchSize)``, so batch sizes vary around ``batchSize``), clips each
+    row's gradient to ``maxGradNorm`` and adds Gaussian noise calibrated, by the RDP accountant,
+    so that the planned steps spend at most ``targetEpsilon``. The ε actually spent is reported as
+    the ``privacy_epsilon`` metric, in the model card and on the console. Offered for methods
+    ``full`` and ``lora`` in one process (``resources.gpus`` ≤ 1, ``nodes`` 1), without gradient
+    accumulation, packing, gradual unfreezing, class weights, oversampling or augmentation, each of
+    which the guarantee does not cover; ``hyperparameters.maxGradNorm`` is not used. Sampling and
+    noise are seeded from the operating system, not ``hyperparameters.seed``, so DP runs are not
+    reproducible bit for bit. The guarantee covers the weights, not the training-loss curve or the
+    data reports, which describe the training rows directly. DP-SGD learns when the noise is small
+    beside the signal: start from a pretrained model, train few weights (``lora`` with a small
+    ``r``), use a large ``batchSize`` (64 or more), more epochs and a higher learning rate than
+    without DP; a randomly initialised model does not learn under the noise."""
+
+    target_epsilon: Annotated[float, Field(gt=0, le=100)]
+    """Privacy budget ε for the whole run (smaller is more private and adds more noise; 1–10 is
+    usual). Runs that stop early spend less."""
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """δ of the (ε, δ) guarantee; must be below 1 / training rows (checked when the data is read).
+    Omit for 1 / (10 × training rows), rounded down to one significant digit."""
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    """Clipping bound C of each training row's gradient (its L2 norm over all trained weights);
+    the noise's standard deviation is proportional to it."""
+
+
 class FineTuneJobSpec(ApiModel):
     """The desired state: what to fine-tune, on what, how, and what counts as good."""
 
@@ -585,6 +782,8 @@ class FineTuneJobSpec(ApiModel):
     """Evaluation."""
     promotion: Promotion = Field(default_factory=Promotion)
     """Promotion gates."""
+    privacy: Privacy | None = None
+    """Differential privacy (DP-SGD); omit to train without it."""
     output: Output
     """Where results go."""
     storage: Storage = Field(default_factory=Storage)
@@ -624,13 +823,20 @@ class FineTuneJobSpec(ApiModel):
             names.add("fairness_gap")
         return frozenset(names)
 
+    def baseline_metrics(self) -> frozenset[str]:
+        """The metric names the baselines report (each as ``baseline_<name>_<metric>``)."""
+        names = {"eval_loss"}
+        for family in self.metric_families():
+            names.update(METRIC_OUTPUTS[family])
+        return frozenset(names)
+
     def learning_rate(self) -> float:
         """The peak learning rate: the given one, or the method's default."""
         return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATES[self.method.type]
 
     def packing(self) -> bool:
-        """Whether sequences are packed (causal-lm only, on by default there)."""
-        if self.task != "causal-lm":
+        """Whether sequences are packed (causal-lm only, on by default there, off with privacy)."""
+        if self.task != "causal-lm" or self.privacy is not None:
             return False
         return self.hyperparameters.packing is not False
 
@@ -671,10 +877,11 @@ _TASK_COLUMNS: Final[dict[str, frozenset[str]]] = {
 }
 _METHOD_BLOCKS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     # block (snake_case attribute, camelCase field) → methods it belongs to
-    "lora": ("lora", frozenset({"lora", "qlora"})),
-    "ia3": ("ia3", frozenset({"ia3"})),
-    "prefix_tuning": ("prefixTuning", frozenset({"prefix-tuning"})),
-    "prompt_tuning": ("promptTuning", frozenset({"prompt-tuning"})),
+    "".join(f"_{c.lower()}" if c.isupper() else c for c in field): (
+        field,
+        frozenset(name for name, traits in METHOD_TRAITS.items() if traits.block == field),
+    )
+    for field in dict.fromkeys(t.block for t in METHOD_TRAITS.values() if t.block is not None)
 }
 
 
@@ -745,6 +952,15 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
         issues.append(
             (("dataset", "replay", "uri"), "replay.ratio needs replay.uri: the general-domain data to mix in")
         )
+    if spec.dataset.augmentation is not None and task == "causal-lm" and cols.prompt is None:
+        issues.append(
+            (
+                ("dataset", "augmentation"),
+                "causal-lm learns to write its text, so perturbed words would be learnt as they are: augmentation "
+                "applies to the prompt of a prompt/completion layout only; set dataset.columns.prompt and "
+                "completion, or remove augmentation",
+            )
+        )
 
     # method
     method = spec.method
@@ -757,7 +973,8 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
                     f"{method.type}; remove the block or change the type",
                 )
             )
-    if method.type != "full":
+    traits = METHOD_TRAITS[method.type]
+    if not traits.unfreezing:
         if method.unfreezing is not None:
             issues.append(
                 (
@@ -774,7 +991,7 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
                     f"{method.type}); set method.type: full or remove it",
                 )
             )
-    if method.type == "qlora" and spec.resources.gpus < 1:
+    if traits.needs_gpu and spec.resources.gpus < 1:
         issues.append(
             (
                 ("resources", "gpus"),
@@ -782,11 +999,28 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
                 "set resources.gpus >= 1 or use method.type: lora",
             )
         )
-    if method.type == "full" and spec.output.save is not None:
+    if not traits.peft and spec.output.save is not None:
         issues.append(
             (
                 ("output", "save"),
                 "full fine-tuning saves full weights; output.save applies to PEFT methods only",
+            )
+        )
+    if traits.peft and not traits.merges and spec.output.save == "merged":
+        issues.append(
+            (
+                ("output", "save"),
+                f"{method.type} cannot be merged into the base weights (no weight update to add: "
+                f"{'its trained tokens are inputs' if traits.virtual_tokens else 'the adapter is non-linear'}); "
+                "use output.save: adapter",
+            )
+        )
+    if method.type == "qlora" and method.lora is not None and method.lora.use_dora:
+        issues.append(
+            (
+                ("method", "lora", "useDora"),
+                "useDora applies to method lora only (DoRA on a 4-bit qlora base is not offered); "
+                "use method.type: lora",
             )
         )
     if method.prefix_tuning is not None and method.prefix_tuning.init_text is not None:
@@ -799,6 +1033,8 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
                 f"packing applies to causal-lm only; {task} batches are padded dynamically instead",
             )
         )
+
+    issues.extend(_privacy_issues(spec))
 
     # evaluation
     evaluation = spec.evaluation
@@ -819,8 +1055,30 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
                 "does not have; use it with causal-lm or seq2seq, or evaluate outOfDomain instead",
             )
         )
+    roles = spec.columns()
+    seen: set[str] = set()
+    for i, column in enumerate(evaluation.slices):
+        if column in seen:
+            issues.append((("evaluation", "slices", i), f"slice column {column!r} is listed twice"))
+        seen.add(column)
+        if column in roles.values():
+            issues.append(
+                (
+                    ("evaluation", "slices", i),
+                    f"slice column {column!r} is the task's {next(r for r, c in roles.items() if c == column)} "
+                    "column; slices name another column of the data (a language, a source)",
+                )
+            )
     computed = spec.computed_metrics()
     known = ", ".join(sorted(computed))
+    base = spec.baseline_metrics()
+    if spec.dataset.label_issues != "off" and task != "sequence-classification":
+        issues.append(
+            (
+                ("dataset", "labelIssues"),
+                f"label-error detection needs class labels (sequence-classification), not {task}; remove it",
+            )
+        )
     if evaluation.fairness is not None and evaluation.fairness.metric not in computed - {"fairness_gap"}:
         issues.append(
             (
@@ -844,8 +1102,33 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
                     "(or add its family to evaluation.metrics)",
                 )
             )
-        if gate.min is None and gate.max is None and gate.min_improvement is None:
-            issues.append((("promotion", "gates", i), "a gate needs at least one of min, max or minImprovement"))
+        if (
+            gate.min is None
+            and gate.max is None
+            and gate.min_improvement is None
+            and gate.min_gain_over_baseline is None
+        ):
+            issues.append(
+                (
+                    ("promotion", "gates", i),
+                    "a gate needs at least one of min, max, minImprovement or minGainOverBaseline",
+                )
+            )
+        if gate.min_gain_over_baseline is not None:
+            if not evaluation.baselines:
+                issues.append(
+                    (
+                        ("promotion", "gates", i, "minGainOverBaseline"),
+                        "needs the baselines it compares with; remove evaluation.baselines: false",
+                    )
+                )
+            elif gate.metric in computed and gate.metric not in base:
+                issues.append(
+                    (
+                        ("promotion", "gates", i, "minGainOverBaseline"),
+                        f"the baselines do not compute {gate.metric}; use one of {', '.join(sorted(base))}",
+                    )
+                )
         if gate.min is not None and gate.max is not None and gate.min > gate.max:
             issues.append((("promotion", "gates", i, "min"), f"min {gate.min:g} is above max {gate.max:g}"))
 
@@ -855,3 +1138,84 @@ def _spec_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
 def metric_direction(metric: str) -> Literal["min", "max"]:
     """Whether lower (``min``) or higher (``max``) is better for a metric name."""
     return "min" if metric in LOWER_IS_BETTER else "max"
+
+
+def _privacy_issues(spec: FineTuneJobSpec) -> list[tuple[Loc, str]]:
+    """What DP-SGD's guarantee does not cover, refused by the field that asks for it."""
+    if spec.privacy is None:
+        return []
+    hp, method, dataset = spec.hyperparameters, spec.method, spec.dataset
+    why = "spec.privacy cannot be guaranteed with "
+    issues: list[tuple[Loc, str]] = []
+    if method.type not in ("full", "lora"):
+        issues.append(
+            (
+                ("method", "type"),
+                why + f"method {method.type}: DP-SGD is offered for full and lora, whose per-example gradients "
+                "Opacus computes and the trainer tests (qlora's 4-bit layers and the virtual-token methods are not "
+                "covered); use method.type: lora",
+            )
+        )
+    if hp.gradient_accumulation_steps > 1:
+        issues.append(
+            (
+                ("hyperparameters", "gradientAccumulationSteps"),
+                why + "gradient accumulation: each step's batch is one Poisson draw of expected size batchSize, "
+                "noised once; raise hyperparameters.batchSize instead and set gradientAccumulationSteps: 1",
+            )
+        )
+    if hp.packing:
+        issues.append(
+            (
+                ("hyperparameters", "packing"),
+                why + "packing: a packed row mixes several training rows, so its gradient is not one row's; "
+                "remove packing (it is off by default with privacy)",
+            )
+        )
+    if spec.resources.gpus > 1 or spec.resources.nodes > 1:
+        issues.append(
+            (
+                ("resources", "gpus" if spec.resources.gpus > 1 else "nodes"),
+                why + "more than one process: the trainer runs DP-SGD in one process (Poisson sampling and noise "
+                "are drawn once per step); set resources.gpus ≤ 1 and nodes: 1",
+            )
+        )
+    if method.unfreezing is not None:
+        issues.append(
+            (
+                ("method", "unfreezing"),
+                why + "gradual unfreezing: the DP optimizer clips and noises a fixed set of weights from the first "
+                "step; remove unfreezing",
+            )
+        )
+    if dataset.balance is not None and dataset.balance.strategy in ("class-weights", "oversample"):
+        issues.append(
+            (
+                ("dataset", "balance", "strategy"),
+                why
+                + f"{dataset.balance.strategy}: "
+                + (
+                    "weights computed from the training labels make each row's loss depend on the other rows"
+                    if dataset.balance.strategy == "class-weights"
+                    else "a repeated row is one person counted several times"
+                )
+                + "; use strategy: fail",
+            )
+        )
+    if dataset.label_issues == "drop":
+        issues.append(
+            (
+                ("dataset", "labelIssues"),
+                why + "labelIssues: drop: which rows are dropped depends on a model fitted to all training rows; "
+                "use labelIssues: report",
+            )
+        )
+    if dataset.augmentation is not None:
+        issues.append(
+            (
+                ("dataset", "augmentation"),
+                why + "augmentation: rows made from a training row carry it several times into training; "
+                "remove augmentation",
+            )
+        )
+    return issues

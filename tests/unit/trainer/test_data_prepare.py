@@ -532,26 +532,29 @@ def test_replay_adds_the_ratio_of_general_rows_to_train_only(tmp_path: Path) -> 
     general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"general text {i}"} for i in range(100)])
     spec = make_spec(main, "causal-lm", split=SPLIT, replay={"uri": uri(general), "ratio": 0.2})
     data = prepare(spec)
-    replayed = [e for e in data.train if e.replay]
-    n_domain = len(data.train) - len(replayed)
+    assert data.replay is not None and not any(e.replay for e in data.train)  # drawn per epoch, not here
+    replayed = [data.replay.pool[i] for i in data.replay.draw(0)]
+    n_domain = len(data.train)
     assert len(replayed) == round(0.2 * n_domain / 0.8)
     assert all(t.startswith("general") for t in texts(replayed))
     assert len({e.uid for e in replayed}) == len(replayed)  # enough rows: no repeats
     assert not any(e.replay for e in data.validation + data.test)
     assert all(t.startswith("domain") for t in texts(data.validation + data.test))
     assert data.report.replay is not None and data.report.replay.rows_added == len(replayed)
-    assert [e.uid for e in prepare(spec).train] == [e.uid for e in data.train]
+    again = prepare(spec).replay
+    assert again is not None and [e.uid for e in again.pool] == [e.uid for e in data.replay.pool]
 
 
 def test_replay_repeats_rows_only_when_there_are_too_few(tmp_path: Path) -> None:
     main = write_jsonl(tmp_path / "main.jsonl", [{"text": f"domain text {i}"} for i in range(90)])
     general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"general {i}"} for i in range(4)] + [{"text": ""}])
     data = prepare(make_spec(main, "causal-lm", replay={"uri": uri(general), "ratio": 0.1}))
-    replayed = [e for e in data.train if e.replay]
+    assert data.replay is not None
+    replayed = [data.replay.pool[i] for i in data.replay.draw(0)]
     assert len(replayed) == 10 and len({e.uid for e in replayed}) == 4
     assert data.report.replay is not None and data.report.replay.with_replacement
     assert dropped(data, "replay") == {"empty": 1}
-    assert any("replay data has 4 usable rows but 10 were wanted" in w for w in data.report.warnings)
+    assert any("replay data has 4 usable rows but 10 were wanted per epoch" in w for w in data.report.warnings)
 
 
 def test_out_of_domain_and_forgetting_sets_are_cleaned_the_same_way(tmp_path: Path) -> None:
@@ -715,7 +718,9 @@ def test_report_is_json_and_tells_the_whole_story(tmp_path: Path) -> None:
     assert lines[2].startswith(f"splits: train {sizes['train']}, validation {sizes['validation']}, test ")
     assert lines[3].startswith("labels (train): neg: ") and "imbalance" in lines[3]
     assert lines[4] == "PII (mask): 1 row with personal data (1 email)"
-    assert lines[5] == f"replay mix: {replay_rows} general-domain rows added to train"
+    assert (
+        lines[5] == f"replay mix: {replay_rows} general-domain rows added to each epoch, drawn afresh per epoch from 50"
+    )
 
 
 def test_report_defaults_serialise() -> None:

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 from tuneloop.api.spec import FineTuneJobSpec
 from tuneloop_trainer.data.loading import Column, display_names, has_bad_text, load_file, show_name
 from tuneloop_trainer.data.pii import PLACEHOLDERS, mask_pii
+from tuneloop_trainer.data.replay import ReplayMix, replay_rows_wanted
 from tuneloop_trainer.data.report import (
     FileStats,
     LabelReport,
@@ -67,6 +68,8 @@ _PUNCTUATION = re.compile(r"[^\w\s]|_")
 _WHITESPACE = re.compile(r"\s+")
 
 GroupMode = Literal["required", "optional", "none"]
+#: Role prefix of ``evaluation.slices`` columns while reading (never a task role).
+_SLICE: Final = "slice:"
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Example:
     """Value of ``evaluation.fairness.groupColumn``, when configured."""
     replay: bool = False
     """A general-domain replay row mixed into training."""
+    slices: dict[str, str] = field(default_factory=dict)
+    """Values of the ``evaluation.slices`` columns the row has (column → value as text)."""
 
 
 @dataclass
@@ -100,6 +105,9 @@ class PreparedData:
     fingerprint: str
     """sha256 over the sorted distinct uids of train, validation and test (replay rows aside):
     the identity of the user's data, unchanged by row order, oversampling or the seed."""
+    replay: ReplayMix | None = None
+    """``dataset.replay``: the pool each epoch draws its replay rows from (``train`` holds the
+    user's rows only; :class:`~tuneloop_trainer.data.replay.EpochRows` adds each epoch's draw)."""
 
 
 class DataValidationError(InvalidDataError):
@@ -119,6 +127,7 @@ class _Row:
     label: str | None = None
     """The label's name as written (classification)."""
     group: str | None = None
+    slices: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -262,14 +271,18 @@ class _Pipeline:
             self._label_warnings(labels, main_rows, val_rows, test_rows, train)
             train, class_weights = self._balance(labels, train, val, test)
 
-        # 6. Replay rows join training only.
-        train = train + self._replay(replay_pool, len(train), replay_uri)
+        # 6. Replay rows join training only, drawn per epoch (data.replay); counted in sizes.
+        replay = self._replay(replay_pool, len(train), replay_uri)
 
         train_examples = [k.example for k in train]
         val_examples = [k.example for k in val]
         test_examples = [k.example for k in test]
         report = self.report
-        report.sizes = {"train": len(train_examples), "validation": len(val_examples), "test": len(test_examples)}
+        report.sizes = {
+            "train": len(train_examples) + (replay.rows_per_epoch if replay is not None else 0),
+            "validation": len(val_examples),
+            "test": len(test_examples),
+        }
         if evaluation.out_of_domain is not None:
             report.sizes["out_of_domain"] = len(ood)
         if evaluation.forgetting is not None:
@@ -288,6 +301,7 @@ class _Pipeline:
             class_weights=class_weights,
             report=report,
             fingerprint=report.fingerprint,
+            replay=replay,
         )
 
     @property
@@ -314,6 +328,11 @@ class _Pipeline:
             columns.append(
                 Column("group", self.group_column, "evaluation.fairness.groupColumn", required=group == "required")
             )
+        if group != "none":  # slice columns travel where the group column does, always optional
+            columns += [
+                Column(f"{_SLICE}{name}", name, "evaluation.slices", required=False)
+                for name in self.spec.evaluation.slices
+            ]
         headerless_ok = self._classify and len(columns) == len(self.roles)
         rows: list[_Row] = []
         for path, shown in zip(paths, display_names(paths), strict=True):
@@ -373,7 +392,12 @@ class _Pipeline:
                 return None
         group = values.get("group")
         group_name = None if group is None or (isinstance(group, str) and not group.strip()) else str(group).strip()
-        return _Row(ref, fields, label, group_name)
+        slices = {
+            key.removeprefix(_SLICE): str(value).strip()
+            for key, value in values.items()
+            if key.startswith(_SLICE) and value is not None and str(value).strip()
+        }
+        return _Row(ref, fields, label, group_name, slices)
 
     # --- cleaning -----------------------------------------------------------------------
 
@@ -436,7 +460,7 @@ class _Pipeline:
             out_fields = dict(fields)
             if labels is not None and label_name is not None:
                 out_fields["label"] = labels.id_of(label_name)
-            example = Example(out_fields, hashlib.sha256(exact.encode()).hexdigest(), row.group)
+            example = Example(out_fields, hashlib.sha256(exact.encode()).hexdigest(), row.group, slices=row.slices)
             if self._length_rule:
                 assert self.count_tokens is not None and self.cleaning.max_tokens is not None
                 n_tokens = self.count_tokens(example)
@@ -680,25 +704,28 @@ class _Pipeline:
 
     # --- replay and groups --------------------------------------------------------------
 
-    def _replay(self, pool: list[_Kept], n_train: int, uri: str | None) -> list[_Kept]:
+    def _replay(self, pool: list[_Kept], n_train: int, uri: str | None) -> ReplayMix | None:
+        """The replay pool; each epoch draws its own rows from it (:mod:`.replay`)."""
         replay = self.spec.dataset.replay
         if uri is None or replay is None:
-            return []
-        wanted = round(replay.ratio * n_train / (1 - replay.ratio))
+            return None
+        wanted = replay_rows_wanted(replay.ratio, n_train)
         info = ReplayReport(uri, replay.ratio)
         self.report.replay = info
-        rng = random.Random(f"{self.spec.hyperparameters.seed}:replay")  # noqa: S311 - sampling, not security
-        if wanted <= len(pool):
-            picks = rng.sample(pool, wanted)
-        else:
-            picks = list(pool) + rng.choices(pool, k=wanted - len(pool))
+        mix = ReplayMix(
+            [replace(k.example, fields=dict(k.example.fields), replay=True) for k in pool],
+            wanted,
+            self.spec.hyperparameters.seed,
+        )
+        if mix.with_replacement:
             info.with_replacement = True
             self.report.warnings.append(
-                f"replay data has {len(pool):,} usable rows but {wanted:,} were wanted (ratio {replay.ratio:g}); "
-                "rows were repeated"
+                f"replay data has {len(pool):,} usable rows but {wanted:,} were wanted per epoch "
+                f"(ratio {replay.ratio:g}); rows are repeated"
             )
-        info.rows_added = len(picks)
-        return [replace(k, example=replace(k.example, fields=dict(k.example.fields), replay=True)) for k in picks]
+        info.rows_added = wanted
+        info.pool_rows = len(pool)
+        return mix
 
     def _group_report(self, val: list[Example], test: list[Example]) -> None:
         if self.group_column is None:

@@ -175,13 +175,18 @@ class ReplayReport:
     uri: str
     ratio: float
     rows_added: int = 0
+    """Replay rows added to each epoch (drawn afresh per epoch, seeded by seed and epoch)."""
     with_replacement: bool = False
+    pool_rows: int = 0
+    """Usable rows in the replay data, after cleaning and leak removal."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "uri": self.uri,
             "ratio": self.ratio,
             "rowsAdded": self.rows_added,
+            "perEpoch": True,
+            "poolRows": self.pool_rows,
             "withReplacement": self.with_replacement,
         }
 
@@ -196,7 +201,7 @@ class ValidationReport:
     """How each held-out split was made: ``hash`` (from ``dataset.uri``) or ``uri`` (its own data)."""
     split_seed: int = 0
     sizes: dict[str, int] = field(default_factory=dict)
-    """Rows per split: train (replay and oversampled copies included), validation, test,
+    """Rows per split: train (replay rows, oversampled copies and augmented rows included), validation, test,
     out_of_domain, forgetting."""
     labels: LabelReport | None = None
     pii: PiiReport = field(default_factory=lambda: PiiReport("off"))
@@ -210,6 +215,21 @@ class ValidationReport:
     ``score``, per-distribution ``distances``, or the ``reason`` there is none; ``None`` when
     nothing was promoted."""
     data_drift_line: str = ""
+    """The same in one sentence, for the log."""
+    label_issues: dict[str, Any] | None = None
+    """Suspected label errors in the training split (``dataset.labelIssues``;
+    :meth:`tuneloop_trainer.baselines.LabelIssues.to_dict`): how many, the first rows (split
+    index, PII-masked excerpt, given and suggested label), and the cost; ``None`` when off."""
+    label_issues_line: str = ""
+    """The same in one sentence, for the log."""
+    lengths: dict[str, Any] | None = None
+    """Token lengths per split and what ``maxSeqLength`` truncates
+    (:meth:`tuneloop_trainer.lengths.LengthReport.to_dict`); measured once the features are
+    built, so ``None`` until then."""
+    augmentation: dict[str, Any] | None = None
+    """What ``dataset.augmentation`` added to the training split
+    (:meth:`tuneloop_trainer.augment.AugmentationResult.to_dict`); ``None`` when it is off."""
+    augmentation_line: str = ""
     """The same in one sentence, for the log."""
 
     def source(self, name: str, uri: str) -> SourceReport:
@@ -240,6 +260,9 @@ class ValidationReport:
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint,
             "dataDrift": None if self.data_drift is None else dict(self.data_drift),
+            "labelIssues": None if self.label_issues is None else dict(self.label_issues),
+            "lengths": None if self.lengths is None else dict(self.lengths),
+            "augmentation": None if self.augmentation is None else dict(self.augmentation),
         }
 
     def summary_lines(self) -> list[str]:
@@ -280,11 +303,18 @@ class ValidationReport:
             lines.append(f"PII ({pii.action}): {rows} with personal data" + (f" ({found})" if found else ""))
         if self.replay is not None:
             extra = " (drawn with replacement)" if self.replay.with_replacement else ""
-            lines.append(f"replay mix: {self.replay.rows_added:,} general-domain rows added to train{extra}")
+            lines.append(
+                f"replay mix: {self.replay.rows_added:,} general-domain rows added to each epoch, drawn afresh per "
+                f"epoch from {self.replay.pool_rows:,}{extra}"
+            )
         for split, counts in self.groups.items():
             lines.append(f"groups ({split}): " + ", ".join(f"{k}: {v:,}" for k, v in counts.items()))
         if self.data_drift_line:
             lines.append(self.data_drift_line)
+        if self.label_issues_line:
+            lines.append(self.label_issues_line)
+        if self.augmentation_line:
+            lines.append(self.augmentation_line)
         lines.extend(f"warning: {w}" for w in self.warnings)
         return lines
 
