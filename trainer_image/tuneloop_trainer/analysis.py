@@ -35,7 +35,8 @@ from typing import Any, Final, Protocol
 import numpy as np
 
 from tuneloop.api.spec import FineTuneJobSpec
-from tuneloop_trainer.data import Example, mask_pii
+from tuneloop_trainer.data import Example
+from tuneloop_trainer.data.pii import masked_excerpt
 
 #: Highest-loss examples kept per true class (classification).
 WORST_PER_CLASS: Final = 5
@@ -76,9 +77,7 @@ class EvalResult(Protocol):
 def safe_text(value: Any, limit: int = MAX_TEXT_CHARS) -> str:
     """``value`` as text with personal data masked, then cut to ``limit`` characters (masked
     first, so that a cut never leaves half an email address unmasked)."""
-    masked, _ = mask_pii(str(value))
-    masked = " ".join(masked.split())
-    return masked if len(masked) <= limit else masked[: limit - 1] + "…"
+    return masked_excerpt(value, limit)
 
 
 def input_text(example: Example) -> str:

@@ -34,7 +34,7 @@ import torch
 
 from tuneloop.api.spec import metric_direction
 from tuneloop_trainer.batching import collate_padded, eval_batches
-from tuneloop_trainer.data.pii import mask_pii
+from tuneloop_trainer.data.pii import masked_excerpt
 from tuneloop_trainer.evaluation import TOLERANCE, GateResult, classification_metrics
 from tuneloop_trainer.features import Feature
 
@@ -353,12 +353,6 @@ class LabelIssues:
         return line
 
 
-def _excerpt(text: str) -> str:
-    masked, _ = mask_pii(text)
-    flat = " ".join(masked.split())
-    return flat if len(flat) <= EXCERPT_CHARS else flat[: EXCERPT_CHARS - 1] + "…"
-
-
 def find_label_issues(
     x: np.ndarray,
     y: np.ndarray,
@@ -390,7 +384,7 @@ def find_label_issues(
     listed = [
         LabelIssue(
             index=i,
-            excerpt=_excerpt(texts[i]),
+            excerpt=masked_excerpt(texts[i], EXCERPT_CHARS),
             given=name(int(classes[compact[i]])),
             suggested=name(int(classes[int(proba[i].argmax())])),
             confidence=float(proba[i, compact[i]]),

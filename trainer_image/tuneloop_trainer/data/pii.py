@@ -161,3 +161,12 @@ def mask_pii(text: str) -> tuple[str, Counter[str]]:
         pos = m.end
     parts.append(text[pos:])
     return "".join(parts), Counter(m.kind for m in matches)
+
+
+def masked_excerpt(value: object, limit: int) -> str:
+    """``value`` as one line of text with personal data masked, then cut to ``limit`` characters:
+    masked first, so that a cut never leaves half an email address unmasked. For excerpts of
+    rows in reports (label issues, error analysis)."""
+    masked, _ = mask_pii(str(value))
+    flat = " ".join(masked.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
