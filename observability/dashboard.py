@@ -175,7 +175,7 @@ def build() -> model.Dashboard:
         .with_panel(
             stats(
                 "Promoted model (run) per job",
-                "The run whose model is promoted (0: none promoted yet).",
+                "The run whose model is promoted (no value for a job with none promoted yet).",
                 "none",
                 Query(f"max by ({BY_JOB}) (tuneloop_operator_job_promoted_run{job})", LEGEND_JOB, instant=True),
                 w=8,
