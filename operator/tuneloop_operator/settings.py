@@ -7,19 +7,23 @@ message naming the variable, instead of surfacing later as a strange reconcile.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
+from pydantic import TypeAdapter, ValidationError
+
+from tuneloop.api.spec import Storage
+from tuneloop.api.types import LabelName, ObjectName
 from tuneloop_operator.render import TrainerDefaults
 
 DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/tuneloop/trainer:0.1.0"
 
-_DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN: Final = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_REGION: Final = re.compile(r"^[a-z0-9-]{1,64}$")
+#: The rules a job's own fields follow (``tuneloop.api``), for the defaults that stand in for them.
+_NAMESPACE: Final = TypeAdapter(LabelName)
+_OBJECT_NAME: Final = TypeAdapter(ObjectName)
+_REGION: Final = TypeAdapter(Storage.model_fields["region"].rebuild_annotation())
 
 
 class SettingsError(ValueError):
@@ -39,11 +43,19 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
-def _optional(env: Mapping[str, str], name: str, pattern: re.Pattern[str], what: str) -> str | None:
+def _valid(rule: TypeAdapter[Any], value: str) -> bool:
+    try:
+        rule.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _optional(env: Mapping[str, str], name: str, rule: TypeAdapter[Any], what: str) -> str | None:
     raw = env.get(name, "").strip()
     if not raw:
         return None
-    if not pattern.match(raw):
+    if not _valid(rule, raw):
         raise SettingsError(f"{name}={raw!r} is not {what}")
     return raw
 
@@ -63,7 +75,7 @@ def _endpoint(env: Mapping[str, str], name: str) -> str | None:
 def _namespaces(env: Mapping[str, str]) -> tuple[str, ...]:
     names = tuple(n.strip() for n in env.get("TUNELOOP_NAMESPACES", "").split(",") if n.strip())
     for name in names:
-        if not _DNS_LABEL.match(name):
+        if not _valid(_NAMESPACE, name):
             raise SettingsError(f"TUNELOOP_NAMESPACES: {name!r} is not a namespace name (patterns are not supported)")
     return tuple(dict.fromkeys(names))
 
@@ -151,9 +163,9 @@ class OperatorSettings:
             default_s3_endpoint=_endpoint(env, "TUNELOOP_DEFAULT_S3_ENDPOINT"),
             default_s3_region=_optional(env, "TUNELOOP_DEFAULT_S3_REGION", _REGION, "an S3 region name"),
             default_storage_secret=_optional(
-                env, "TUNELOOP_DEFAULT_STORAGE_SECRET", _DNS_SUBDOMAIN, "a Secret name (a DNS subdomain)"
+                env, "TUNELOOP_DEFAULT_STORAGE_SECRET", _OBJECT_NAME, "a Secret name (a DNS subdomain)"
             ),
             trainer_service_account=_optional(
-                env, "TUNELOOP_TRAINER_SERVICE_ACCOUNT", _DNS_SUBDOMAIN, "a ServiceAccount name (a DNS subdomain)"
+                env, "TUNELOOP_TRAINER_SERVICE_ACCOUNT", _OBJECT_NAME, "a ServiceAccount name (a DNS subdomain)"
             ),
         )
