@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint unit crd deploy constraints clean
+.PHONY: setup run test lint unit crd deploy reliability constraints clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ unit: setup
 
 crd: setup
 	$(VENV)/bin/tuneloop crd
+
+# The reliability suite at its full counts; rewrites the table in docs/reliability.md (tools/reliability.py).
+reliability: setup
+	$(PY) -m tools.reliability $(PYTEST_ARGS)
 
 # deploy/ is the Helm chart rendered with its defaults (tools/render_deploy.py).
 deploy: setup

@@ -11,4 +11,6 @@ pytest_plugins = [
     "tests.harness.kubelet_fixtures",
     "tests.harness.operator",
     "tests.harness.prometheus",
+    "tests.harness.reliability",
+    "pytester",
 ]
