@@ -277,6 +277,10 @@ class FineTuneRecipe:
             mixed_precision=mixed_precision(self.hp.precision),
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=ddp_kwargs_handlers(self._unfreezing() is not None),
+            # total_steps counts this process's optimizer steps: the schedule advances once per
+            # step. (accelerate's default steps it once per process, which with N processes ran
+            # the warmup and decay N times too fast: the LR hit zero at 1/N of a distributed run.)
+            step_scheduler_with_optimizer=False,
         )
         self.device = self.accelerator.device
         self.sinks.phase("validating")
@@ -722,6 +726,17 @@ class FineTuneRecipe:
             for batch in length_grouped_batches(lengths, self.hp.batch_size, self.hp.seed, epoch)
         ]
 
+    def _global_mean_divisor(self, units: int, world: int) -> float:
+        """What this process divides its summed loss by so that the step's gradient is the
+        mean over the units (rows, label tokens) of the whole global batch. DDP averages the
+        processes' gradients: dividing each by its own units would weigh a rank's short batch
+        (or few label tokens) as much as a full one. With N processes each divides by
+        (all units) / N: one scalar all-reduce per step."""
+        if world <= 1:
+            return float(units)
+        total = self.accelerator.reduce(torch.tensor(float(units), device=self.device), reduction="sum")
+        return max(1.0, float(total)) / world
+
     def _rank_batches(self, epoch: int, rank: int, world: int) -> list[Any]:
         """This process's share of an epoch. Every rank gets the same number of batches
         (the remainder is dropped; the next epoch's shuffle drops others): a rank with one
@@ -797,6 +812,7 @@ class FineTuneRecipe:
                 # A Poisson draw (privacy) may be empty: the step then applies noise alone.
                 group = [self._collate_train(b) for b in batches[start : start + accum] if len(b)]
                 total_units = max(1, sum(u for _, u, _ in group))
+                divisor = self._global_mean_divisor(total_units, world)
                 loss_total = 0.0
                 for i, (tensors, units, _tokens) in enumerate(group):
                     sync = contextlib.nullcontext() if i == len(group) - 1 else acc.no_sync(model)
@@ -806,7 +822,7 @@ class FineTuneRecipe:
                     with sync, acc.autocast():
                         loss_sum = self._forward_loss_sum(tensors, units)
                     # DP-SGD: each example's gradient must be that of its own loss (not / batch tokens).
-                    acc.backward(loss_sum / (self.privacy.loss_divisor(rows) if self.privacy else total_units))
+                    acc.backward(loss_sum / (self.privacy.loss_divisor(rows) if self.privacy else divisor))
                     loss_total += float(loss_sum.detach())
                 if self.privacy is not None:  # the DP optimizer clips each example's gradient instead
                     self.privacy.before_step(empty=not group)
