@@ -12,5 +12,6 @@ pytest_plugins = [
     "tests.harness.operator",
     "tests.harness.prometheus",
     "tests.harness.reliability",
+    "tests.harness.faults_s3",
     "pytester",
 ]

@@ -793,6 +793,8 @@ def _attempts_setting(raw: str | None, name: str, default: int) -> int:
 
 _ATTEMPT_STARTED: Final = "tuneloop_attempt_started"
 _ATTEMPT_FAILURE: Final = "tuneloop_attempt_failure"
+#: How the reading of an answer's body breaks off (connection reset, truncated, stalled).
+_BROKEN_BODY_ERRORS: Final = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError)
 _RETRIED_ERROR_CODES: Final = frozenset(
     {
         "RequestTimeout",
@@ -948,7 +950,16 @@ class S3Storage(Storage):
     per read timeout, and up to 5 s more per retry when a store answers with ``x-amz-retry-after``.
     An operation of several requests (a listing of many pages, a multipart transfer) fails within
     that bound once a request stalls, except that s3transfer retries a download whose data stalls
-    mid-way up to 5 times, each with the retries above.
+    mid-way up to 5 times, each with the retries above, and that :meth:`read_bytes`,
+    :meth:`read_versioned` and :meth:`read_range` make their request again, and :meth:`open_read`
+    streams ask for the rest (a ranged GET pinned to the ETag), when the answer's body breaks off
+    mid-way (a reset, a truncated body, a read timeout), which botocore does not retry: up to
+    ``max_attempts`` times in all, 0.1 × 2^(i-1) s apart.
+
+    **Lost answers.** When the answer to a conditional write (:meth:`create_bytes`,
+    :meth:`replace_bytes`) is lost after the store applied it, botocore's retry loses the condition
+    to that first attempt; a retried write that lost its condition and finds exactly its own bytes
+    in the object counts as done, so a claim is not mistaken for someone else's.
     """
 
     scheme = "s3"
@@ -1279,10 +1290,39 @@ class S3Storage(Storage):
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = self._object_location(uri)
         with self._translating(uri, "reading"):
-            response = self.client.get_object(Bucket=bucket, Key=key)
-            data = response["Body"].read()
+            response, data = self._get_whole(uri, {"Bucket": bucket, "Key": key})
         self._check_recorded_sha256(uri, data, response.get("Metadata", {}))
         return data
+
+    def _get_whole(self, uri: str, args: Mapping[str, Any]) -> tuple[Any, bytes]:
+        """``get_object(**args)`` and its whole body, read again when it breaks off (see
+        :meth:`_body_broke`)."""
+        attempt = 1
+        while True:
+            response = self.client.get_object(**args)
+            try:
+                return response, response["Body"].read()
+            except _BROKEN_BODY_ERRORS as exc:
+                self._body_broke(exc, uri, attempt)
+            attempt += 1
+
+    def _body_broke(self, exc: BaseException, uri: str, attempt: int) -> None:
+        """botocore retries a request whose answer does not come, not the reading of an answer that
+        breaks off mid-body (a reset, a stall): such a read is made again, up to ``max_attempts``
+        times in all, after 0.1 × 2^(i-1) s (at most 2 s). Raises once they are used up."""
+        if attempt >= self.max_attempts:
+            raise self._stream_error(exc, uri) from None
+        pause = min(0.1 * 2.0 ** (attempt - 1), 2.0)
+        logger.warning(
+            "S3 %s broke off the answer for %s (%s); reading it again: attempt %d of %d, after %.1f s",
+            _display_endpoint(self.endpoint_url),
+            uri,
+            type(exc).__name__,
+            attempt + 1,
+            self.max_attempts,
+            pause,
+        )
+        time.sleep(pause)
 
     @staticmethod
     def _check_recorded_sha256(uri: str, data: bytes, metadata: Mapping[str, str]) -> None:
@@ -1474,6 +1514,9 @@ class S3Storage(Storage):
                 self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **args)
             except ClientError as exc:
                 if _lost_condition(exc):
+                    if self._own_retried_write(exc, bucket, key, data):
+                        logger.debug("created %s (%d bytes; the answer to an earlier attempt was lost)", uri, len(data))
+                        return
                     raise PreconditionFailedError(f"{uri} already exists", uri=uri, code="PreconditionFailed") from None
                 if not _conditional_unsupported(exc):
                     raise
@@ -1489,11 +1532,22 @@ class S3Storage(Storage):
                     ) from None
         logger.debug("created %s (%d bytes)", uri, len(data))
 
+    def _own_retried_write(self, exc: ClientError, bucket: str, key: str, data: bytes) -> bool:
+        """Whether a conditional write that lost its condition only lost it to itself: botocore retried
+        it (an earlier attempt reached the store but its answer was lost: a reset, a timeout) and the
+        object now holds exactly ``data``. Without a retry a lost condition is always someone else's."""
+        if not exc.response.get("ResponseMetadata", {}).get("RetryAttempts"):
+            return False
+        try:
+            current = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError):
+            return False
+        return bool(current == data)
+
     def read_versioned(self, uri: str) -> VersionedBytes:
         bucket, key = self._object_location(uri)
         with self._translating(uri, "reading"):
-            response = self.client.get_object(Bucket=bucket, Key=key)
-            data = response["Body"].read()
+            response, data = self._get_whole(uri, {"Bucket": bucket, "Key": key})
         self._check_recorded_sha256(uri, data, response.get("Metadata", {}))
         return VersionedBytes(data=data, etag=str(response.get("ETag", "")).strip('"'))
 
@@ -1505,6 +1559,9 @@ class S3Storage(Storage):
                 self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"', **args)
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code")
+                if _lost_condition(exc) and self._own_retried_write(exc, bucket, key, data):
+                    logger.debug("replaced %s (%d bytes; the answer to an earlier attempt was lost)", uri, len(data))
+                    return
                 if _lost_condition(exc) or code in ("NoSuchKey", "404"):
                     raise PreconditionFailedError(
                         f"{uri} changed since it was read", uri=uri, code="PreconditionFailed"
@@ -1569,11 +1626,8 @@ class S3Storage(Storage):
                 raise
 
     def open_read(self, uri: str, *, etag: str | None = None) -> BinaryIO:
-        body = self._get_object(uri, etag=etag)["Body"]
-        return io.BufferedReader(
-            _TranslatedReader(body.read, body.close, lambda exc: self._stream_error(exc, uri), (BotoCoreError,)),
-            buffer_size=MiB,
-        )
+        response = self._get_object(uri, etag=etag)
+        return io.BufferedReader(_ResumingBody(self, uri, response, etag), buffer_size=MiB)
 
     def _stream_error(self, exc: BaseException, uri: str) -> StorageError:
         """An error while the content of an object streams in (the answer itself had come)."""
@@ -1590,14 +1644,21 @@ class S3Storage(Storage):
         _check_range(uri, start, end)
         if end <= start:
             return b""
-        try:
-            response = self._get_object(uri, etag=etag, byte_range=f"bytes={start}-{end - 1}")
-        except StorageError as exc:
-            if exc.code == "InvalidRange":  # the object ends before `start`
-                return b""
-            raise
-        with self._translating(uri, "reading"):
-            data: bytes = response["Body"].read()
+        attempt = 1
+        while True:
+            try:
+                response = self._get_object(uri, etag=etag, byte_range=f"bytes={start}-{end - 1}")
+            except StorageError as exc:
+                if exc.code == "InvalidRange":  # the object ends before `start`
+                    return b""
+                raise
+            with self._translating(uri, "reading"):
+                try:
+                    data: bytes = response["Body"].read()
+                    break
+                except _BROKEN_BODY_ERRORS as exc:
+                    self._body_broke(exc, uri, attempt)
+            attempt += 1
         # A store that ignores Range answers 200 with the whole object.
         if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 and "ContentRange" not in response:
             data = data[start:end]
@@ -1864,6 +1925,52 @@ class FileStorage(Storage):
 def _check_range(uri: str, start: int, end: int) -> None:
     if start < 0 or end < 0:
         raise ValueError(f"reading {uri}: a byte range starts and ends at offsets >= 0, got {start} to {end}")
+
+
+class _ResumingBody(io.RawIOBase):
+    """The body of an S3 GET (:meth:`S3Storage.open_read`) that picks up where it broke off: when the
+    connection breaks mid-body, the rest is asked for again (``Range: bytes=<read so far>-``, and
+    ``If-Match`` with the object's ETag, so the pieces are of one version), up to ``max_attempts``
+    times in all. Other errors, and the last break, surface as :class:`StorageError`."""
+
+    def __init__(self, storage: S3Storage, uri: str, response: Any, etag: str | None) -> None:
+        super().__init__()
+        self._storage = storage
+        self._uri = uri
+        self._body = response["Body"]
+        self._etag = etag or (str(response.get("ETag", "")).strip('"') or None)
+        self._position = 0
+        self._attempt = 1
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while True:
+            try:
+                data = self._body.read(len(view))
+                break
+            except _BROKEN_BODY_ERRORS as exc:
+                self._storage._body_broke(exc, self._uri, self._attempt)  # raises once attempts are used up
+                self._attempt += 1
+                with contextlib.suppress(BotoCoreError):
+                    self._body.close()
+                response = self._storage._get_object(self._uri, etag=self._etag, byte_range=f"bytes={self._position}-")
+                self._body = response["Body"]
+            except BotoCoreError as exc:
+                raise self._storage._stream_error(exc, self._uri) from None
+        view[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                with contextlib.suppress(BotoCoreError):
+                    self._body.close()
+            finally:
+                super().close()
 
 
 class _TranslatedReader(io.RawIOBase):

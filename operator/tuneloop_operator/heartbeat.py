@@ -36,7 +36,9 @@ class HeartbeatReader:
             raise HeartbeatError(str(exc)) from None
         try:
             raw = await asyncio.to_thread(storage.read_json, uri)
-        except NotFoundError:
+        except NotFoundError as exc:
+            if exc.code == "NoSuchBucket":  # not "no heartbeat yet": the output's bucket is gone
+                raise HeartbeatError(f"cannot read {uri}: {exc}") from None
             return None
         except StorageError as exc:
             raise HeartbeatError(f"cannot read {uri}: {exc}") from None
