@@ -253,6 +253,47 @@ def claim_run_number(job: FineTuneJob, output_uri: str, requested: int | None, *
         raise OutputOwned(exc.args[0]) from None
 
 
+#: Open files whose locks say "this process writes that run" (held until the process ends).
+_RUN_LOCKS: list[Any] = []
+
+
+def lock_local_run(output_uri: str, run: int) -> int:
+    """Hold an exclusive lock on a run in a local output while this process writes it.
+
+    The claim lets the same job take its run again (``--run N`` to resume, a retried attempt),
+    so two processes of one job started on one run at once (two terminals, a resume while the
+    first is still running) would both write it, and the card of one would describe the model
+    of the other. The second is refused instead (exit 10, ``OutputOwned``), before it writes
+    anything. The lock is ``flock`` on the run's ``run.json``, released by the kernel when the
+    process ends, however it ends. S3 has no locks: there, two writers of one run are not
+    detected."""
+    from tuneloop.contract import Layout  # noqa: PLC0415
+    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
+
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:  # not on POSIX
+        return run
+    if not output_uri.startswith("file://"):
+        return run
+    claim = Path(output_uri.removeprefix("file://")) / Layout.run_claim(run)
+    fh = claim.open("rb")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process holds it
+        fh.close()
+        raise OutputOwned(
+            f"run {run} under {output_uri} is being written by another process of this job right now; wait for it "
+            "to end (then resume it with --run), or leave out --run to start a new run"
+        ) from None
+    except OSError as exc:  # a filesystem without locks (some network mounts): go on unlocked
+        fh.close()
+        log.debug("no lock on %s: %s", claim, exc)
+        return run
+    _RUN_LOCKS.append(fh)
+    return run
+
+
 def _shared_run_number(claim: Any) -> int:
     """``claim()`` on the first process; its result on every process of a local multi-process
     launch (each would otherwise claim a number of its own)."""
@@ -309,7 +350,9 @@ def train(
     cache = Path(os.environ.get("TUNELOOP_CACHE_DIR", Path.home() / ".cache" / "tuneloop"))
     # The operator passes the job's uid to its pods: only this job's pods may write its runs.
     uid = None if local else (os.environ.get("TUNELOOP_JOB_UID") or None)
-    run = _shared_run_number(lambda: claim_run_number(job, output_uri, run, uid=uid, local=local))
+    run = _shared_run_number(
+        lambda: lock_local_run(output_uri, claim_run_number(job, output_uri, run, uid=uid, local=local))
+    )
     ctx = RunContext(
         job=job,
         run=run,
@@ -475,3 +518,6 @@ def main(argv: list[str] | None = None) -> int:
         failure = failure_of(exc)
         report_failure(failure, exc)
         return failure.exit_code
+    finally:
+        while _RUN_LOCKS:  # the run is over: another process may write it now
+            _RUN_LOCKS.pop().close()

@@ -395,7 +395,26 @@ def _load_for_task(
             raise
         raise _corrupt_weights("a weights file (pytorch_model.bin)", resolved, exc) from None
     _refuse_mismatched(info.get("mismatched_keys") or (), resolved.uri, task)
+    _refuse_non_finite(model, resolved.uri)
     return model
+
+
+def _refuse_non_finite(model: nn.Module, uri: str) -> None:
+    """Weights that are NaN or infinite (a corrupted file, a diverged checkpoint) cannot train: every
+    loss is NaN, and the run would crash deep inside a library (a retryable exit 1), over and over."""
+    # A float32 sum per tensor: NaN or ±inf anywhere makes it non-finite, and unlike isfinite(p) it
+    # allocates no mask the size of the tensor (a large embedding on a full GPU).
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p.sum(dtype=torch.float32)))
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UnsupportedModelError(
+            f"the weights of {uri} hold NaN or infinite values: {bad[0]}{more}; the file is corrupt or was saved "
+            "from a run that diverged: save a healthy model again with save_pretrained and upload it (spec.model.uri)"
+        )
 
 
 def check_classification_head(config: PretrainedConfig, num_labels: int, uri: str) -> None:
@@ -434,6 +453,11 @@ def check_weight_files(resolved: ResolvedModel) -> None:
     directory = Path(resolved.location)
     if _is_hub(resolved) or not directory.is_dir():
         return
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise UnsupportedModelError(
+            f"model directory {resolved.uri} holds no weights (no *.safetensors or pytorch_model.bin next to its "
+            "config.json); save the model with save_pretrained and upload the whole directory (spec.model.uri)"
+        )
     for path in sorted(directory.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt"):

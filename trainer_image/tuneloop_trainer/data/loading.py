@@ -150,6 +150,8 @@ def load_file(
     ``max_row_bytes``: rows larger than this come back as ``too_large`` rows without values.
     """
     fmt = file_format(path, declared_format, name)
+    if fmt != "parquet":
+        _refuse_utf16(path, name)
     if fmt == "jsonl":
         return LoadedFile(name, fmt, _read_json(path, name, columns, max_row_bytes))
     if fmt in ("csv", "tsv"):
@@ -161,6 +163,19 @@ def load_file(
     if fmt == "parquet":
         return LoadedFile(name, fmt, _read_parquet(path, name, columns, max_row_bytes))
     raise InvalidDataError(f"unsupported data format {fmt!r} for {name}")
+
+
+def _refuse_utf16(path: Path, name: str) -> None:
+    """Text files are read as UTF-8. A UTF-16 file (what spreadsheets write as "Unicode text")
+    would otherwise fail as a missing column or as rows of invalid UTF-8, which sends the user
+    after the wrong cause; its byte-order mark says what it is."""
+    with path.open("rb") as fh:
+        start = fh.read(4)
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff") or start in (b"\x00\x00\xfe\xff", b"\xff\xfe\x00\x00"):
+        raise InvalidDataError(
+            f"{name} is UTF-16 or UTF-32 encoded (it starts with that byte-order mark); data files are read as "
+            "UTF-8: save it again as UTF-8 (in a spreadsheet: CSV UTF-8)"
+        )
 
 
 def looks_like_name(text: str, *, max_chars: int = 40) -> bool:
