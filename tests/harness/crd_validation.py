@@ -338,8 +338,24 @@ def _compile_rule(rule: str) -> celpy.Runner:
     return _CEL_ENV.program(_CEL_ENV.compile(rule), functions=_CEL_FUNCTIONS)
 
 
-def _to_cel(value: Any) -> Any:
-    return json_to_cel(value)
+def _as_cel_json(value: Any, schema: Mapping[str, Any] | None) -> Any:
+    """The value as the API server hands it to CEL: a nullable field set to null is absent (``has()``
+    is false, kubernetes/kubernetes#106051), and an integer in a ``type: number`` field is a double."""
+    schema = schema or {}
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = _additional(schema)
+        return {k: _as_cel_json(v, props.get(k, extra)) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [_as_cel_json(v, items if isinstance(items, Mapping) else None) for v in value]
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _to_cel(value: Any, schema: Mapping[str, Any] | None = None) -> Any:
+    return json_to_cel(_as_cel_json(value, schema))
 
 
 def _field_path_suffix(field_path: str) -> str:
@@ -362,9 +378,9 @@ def _cel_errors(
         if rule.get("fieldPath"):
             field = _child(path, _field_path_suffix(str(rule["fieldPath"])))
         reason = str(rule.get("reason") or REASON_INVALID)
-        activation = {"self": _to_cel(value)}
+        activation = {"self": _to_cel(value, schema)}
         if transition:
-            activation["oldSelf"] = _to_cel(old)
+            activation["oldSelf"] = _to_cel(old, schema)
         try:
             program = _compile_rule(expression)
             result = program.evaluate(activation)

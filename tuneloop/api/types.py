@@ -275,10 +275,13 @@ def _check_time_zone(value: str) -> str:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # noqa: PLC0415
 
     try:
+        if len(value) > 64 or not re.fullmatch(TIME_ZONE_PATTERN, value):
+            raise ValueError(value)
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a name of the database's folders ("America") or one too long for a file name.
         raise ValueError(
-            f"{value!r} is not a time zone of the IANA database; "
+            f"{value[:64]!r} is not a time zone of the IANA database; "
             "write e.g. 'Europe/Berlin', 'America/New_York' or 'UTC'"
         ) from None
     return value
