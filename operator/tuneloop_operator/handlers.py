@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
+from prometheus_client import Counter
 
 from tuneloop.api import GROUP, PLURAL, VERSION, Reason
 from tuneloop.api.status import FineTuneJobStatus
@@ -61,7 +63,46 @@ log = logging.getLogger("tuneloop_operator")
 Key = tuple[str, str]
 #: Seconds before a reconcile that failed outside a Kopf handler (a pod event, a requeue) is tried again.
 RETRY_DELAY: Final = 5.0
+#: Pauses between tries of a status write the API server refused for a passing reason (409, 422,
+#: 429, 5xx): the objects of the plan exist by then, and a status that does not record them makes
+#: the next reconcile guess (adopt pods, re-derive the run) instead of know.
+STATUS_WRITE_RETRIES: Final = (0.5, 1.0, 2.0, 4.0, 8.0)
 FINALIZER: Final = f"{GROUP}/finalizer"
+
+
+#: Kopf's watcher says so, at DEBUG level, when a watch stream stayed silent past the inactivity timeout.
+WATCH_LOGGER: Final = "kopf._cogs.clients.watching"
+_STALLED: Final = re.compile(r"^Watch-stream for (?P<resource>[^\s./]+)\S* .* is inactive, reconnecting\.$")
+
+
+class WatchStallCounter(logging.Filter):
+    """Counts the watch streams Kopf found stalled and reopened (``tuneloop_operator_watch_stalls_total``).
+
+    Kopf reports a stall only in a DEBUG line of its watcher's logger. Installed on that logger, this
+    filter counts each such line by resource and lets through only what the operator's log level
+    shows, so counting needs no DEBUG log.
+    """
+
+    def __init__(self, counter: Counter, shown_from: int) -> None:
+        super().__init__()
+        self.counter = counter
+        self.shown_from = shown_from
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = _STALLED.match(record.getMessage())
+        if match is not None:
+            self.counter.labels(resource=match.group("resource")).inc()
+        return record.levelno >= self.shown_from
+
+    def install(self) -> None:
+        logger = logging.getLogger(WATCH_LOGGER)
+        logger.setLevel(logging.DEBUG)
+        logger.addFilter(self)
+
+    def uninstall(self) -> None:
+        logger = logging.getLogger(WATCH_LOGGER)
+        logger.removeFilter(self)
+        logger.setLevel(logging.NOTSET)
 
 
 class RetryLater(kopf.TemporaryError):
@@ -143,7 +184,7 @@ class Runtime:
         except Exception as exc:  # a background reconcile must not die silently
             self.metrics.reconcile_errors.inc()
             # The delay a RetryLater asks for (30 s when the API server refused a pod: one event per try).
-            delay = float(getattr(exc, "delay", None) or RETRY_DELAY)
+            delay = float(getattr(exc, "delay", None) or max(RETRY_DELAY, getattr(exc, "retry_after", None) or 0.0))
             log.warning("reconcile of %s/%s (%s) failed, retrying in %.0fs: %s", *key, why, delay, exc)
             self.schedule(key, delay)
 
@@ -233,7 +274,7 @@ class Runtime:
             self.beats[key] = beat
 
     async def _execute(self, key: Key, body: Mapping[str, Any], old: FineTuneJobStatus, the_plan: Plan) -> None:
-        namespace, name = key
+        namespace, _ = key
         if the_plan.claim is not None:
             await self._claim(body, the_plan)
         await self._write_lineage(key, body, the_plan)
@@ -244,7 +285,8 @@ class Runtime:
                 await self.kube.create(obj)
             except ApiError as exc:
                 if exc.status in (409, 429) or exc.status >= 500:
-                    raise RetryLater(f"creating {obj['kind']} {obj['metadata']['name']}: {exc}", delay=5) from None
+                    delay = max(5.0, exc.retry_after or 0.0)
+                    raise RetryLater(f"creating {obj['kind']} {obj['metadata']['name']}: {exc}", delay=delay) from None
                 # Refused for good (quota, admission policy): say so where the user looks, retry slowly.
                 message = f"the API server refused {obj['kind']} {obj['metadata']['name']}: {exc.message}"
                 await self._post(body, EventSpec("Warning", "PodCreateFailed", message))
@@ -252,13 +294,26 @@ class Runtime:
         stored = body.get("status")
         patch = status_patch(stored if isinstance(stored, Mapping) else old, the_plan.status)
         if patch is not None:
-            await self.kube.patch_job_status(namespace, name, patch)
+            await self._write_status(key, patch)
         for event in the_plan.events:
             await self._post(body, EventSpec(event.type, event.reason, event.message))
         self.observer.remember(key, the_plan.trigger_schedule)
         self._account(key, the_plan)
         if the_plan.requeue_after is not None:
             self.schedule(key, the_plan.requeue_after)
+
+    async def _write_status(self, key: Key, patch: Mapping[str, Any]) -> None:
+        """Patch ``/status``, retrying what the API server refused for a passing reason."""
+        for pause in STATUS_WRITE_RETRIES:
+            try:
+                await self.kube.patch_job_status(*key, patch)
+                return
+            except ApiError as exc:
+                if exc.status not in (409, 422, 429) and exc.status < 500:
+                    raise
+                log.info("status write of %s/%s refused (%s), trying again in %.1fs", *key, exc, pause)
+                await asyncio.sleep(max(pause, exc.retry_after or 0.0))
+        await self.kube.patch_job_status(*key, patch)
 
     async def _claim(self, body: Mapping[str, Any], the_plan: Plan) -> None:
         """Claim the output prefix and the run number before anything of the run exists; a
@@ -370,6 +425,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorSettings) -> None
     settings.watching.server_timeout = int(config.watch_timeout)
     settings.watching.client_timeout = int(config.watch_timeout) + 60
     settings.watching.connect_timeout = 30
+    # A stream that stays open but silent (no event, no bookmark) is given up after this long and
+    # reopened from its last resourceVersion; WatchStallCounter counts each time.
+    settings.watching.inactivity_timeout = config.watch_inactivity_timeout
     settings.networking.request_timeout = 60
     # Watch only Tuneloop's pods, filtered by the server, not every pod of the cluster.
     settings.watching.label_selectors["v1", "pods"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -407,7 +465,10 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> No
         runtime.metrics.serve(config.metrics_port)
     task = asyncio.create_task(runtime.tick_forever())
     runtime.tasks.add(task)
+    stalls = WatchStallCounter(runtime.metrics.watch_stalls, logging.getLogger(WATCH_LOGGER).getEffectiveLevel())
+    stalls.install()
     memo.runtime = runtime
+    memo.watch_stalls = stalls
     log.info(
         "tuneloop operator started: trainer image %s, namespaces %s, metrics :%s",
         config.trainer_image,
@@ -426,6 +487,9 @@ async def cleanup(*, memo: Any, **_: Any) -> None:
             handle.cancel()
         with contextlib.suppress(Exception):
             runtime.kube.close()
+    stalls = getattr(memo, "watch_stalls", None)
+    if isinstance(stalls, WatchStallCounter):
+        stalls.uninstall()
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")
@@ -433,7 +497,14 @@ async def cleanup(*, memo: Any, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, id="update")
 async def on_change(*, namespace: str | None, name: str, memo: Any, reason: str, **_: Any) -> None:
     runtime = runtime_of(memo)
-    await runtime.reconcile((namespace or "default", name), str(reason), heartbeat=str(reason) == "resume")
+    try:
+        await runtime.reconcile((namespace or "default", name), str(reason), heartbeat=str(reason) == "resume")
+    except ApiError as exc:
+        # The API server refused a read or a write (a 5xx, a 409 on the status, a 429): retried
+        # soon, as the reconciles of pod events are, not after Kopf's 60 s default for an
+        # unexpected error (which also logs a traceback for what is an everyday answer).
+        runtime.metrics.reconcile_errors.inc()
+        raise RetryLater(f"the API server answered {exc}", delay=max(RETRY_DELAY, exc.retry_after or 0.0)) from None
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="track")
@@ -448,7 +519,7 @@ async def on_job_event(
     **_: Any,
 ) -> None:
     """Keep the jobs-by-phase gauge and the set of active runs current (no API calls), and act on
-    a new request annotation (Kopf's update handler ignores annotation changes)."""
+    a new request annotation (Kopf's update handler ignores annotation changes) and on an emptied status."""
     runtime = runtime_of(memo)
     key = (namespace or "default", name)
     if type == "DELETED":
@@ -462,6 +533,10 @@ async def on_job_event(
         runtime.active.add(key)
     if type == "MODIFIED" and unhandled_request(annotations, seen.get("annotations")):
         runtime.trigger(key, "annotation")
+    elif type == "MODIFIED" and seen.get("observedGeneration") is None:
+        # The status was emptied (or never written): rebuild it now, not at the next restart
+        # (Kopf's update handler ignores status changes; an idle job has no pod events).
+        runtime.trigger(key, "status-lost")
 
 
 #: Request annotations and their keys in ``status.annotations`` (the value handled last).

@@ -46,11 +46,24 @@ _PLURALS: Final = {
 class ApiError(Exception):
     """The API server answered with an error."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
+        """Seconds the server asked the client to wait (``Retry-After``, e.g. with a 429)."""
+
+
+def _retry_after(headers: Any, status: Any) -> float | None:
+    """The server's ``Retry-After`` (seconds), from the header or the Status body's details."""
+    raw = (headers or {}).get("Retry-After") if hasattr(headers, "get") else None
+    if raw is None and isinstance(status, Mapping):
+        raw = (status.get("details") or {}).get("retryAfterSeconds")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _now() -> str:
@@ -105,11 +118,14 @@ class KubeClient:
         if response.status == 404 and method in ("GET", "DELETE"):
             return None
         if response.status >= 400:
+            headers = response.getheaders()  # type: ignore[no-untyped-call]
             try:
                 status = json.loads(data)
-                raise ApiError(response.status, str(status.get("reason", "")), str(status.get("message", "")))
+                reason, message = str(status.get("reason", "")), str(status.get("message", ""))
             except (ValueError, AttributeError):
-                raise ApiError(response.status, str(response.reason), data[:200].decode(errors="replace")) from None
+                text = data[:200].decode(errors="replace")
+                raise ApiError(response.status, str(response.reason), text, _retry_after(headers, None)) from None
+            raise ApiError(response.status, reason, message, _retry_after(headers, status))
         return json.loads(data) if data else {}
 
     async def request(

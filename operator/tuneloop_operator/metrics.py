@@ -267,6 +267,13 @@ class OperatorMetrics:
         self.drift_queries = Counter(
             "tuneloop_operator_drift_queries", "PromQL queries made by drift triggers.", registry=r
         )
+        self.watch_stalls = Counter(
+            "tuneloop_operator_watch_stalls",
+            "Watch streams that stayed silent longer than TUNELOOP_WATCH_INACTIVITY_TIMEOUT and were reopened, "
+            "by resource (finetunejobs, pods).",
+            ["resource"],
+            registry=r,
+        )
 
     def watch_data(self, stats: Any) -> None:
         """Export a DataWatch's counters (``tuneloop_operator_dataset_*``) from its own stats:

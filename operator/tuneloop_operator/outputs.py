@@ -24,7 +24,7 @@ from typing import Any, Final
 from tuneloop.api import FineTuneJob
 from tuneloop.api.spec import Storage as StorageSettings
 from tuneloop.contract import Layout, PromotedPointer
-from tuneloop.ownership import claim_output, claim_run, highest_run, read_owner
+from tuneloop.ownership import JobIdentity, claim_output, claim_run, highest_run, read_owner, read_run_claim
 from tuneloop.storage import NotFoundError, PreconditionFailedError, Storage, StorageError, safe_join
 from tuneloop_operator.datawatch import Listing
 from tuneloop_operator.kube import KubeClient
@@ -108,9 +108,10 @@ class OutputAccess:
             storage = await self.storages.for_job(job)
             owner = await asyncio.to_thread(read_owner, storage, uri)
             highest = await asyncio.to_thread(highest_run, storage, uri)
+            claimant = await asyncio.to_thread(_unstarted_claimant, storage, uri, highest) if highest else None
         except (StorageError, StorageAccessError) as exc:
             return OutputView(error=str(exc))
-        return OutputView(owner=owner, highest_run=highest)
+        return OutputView(owner=owner, highest_run=highest, unstarted_claimant=claimant)
 
     async def claim(self, job: FineTuneJob, claim: OutputClaim) -> None:
         """Claim the prefix (when not yet the job's own) and the run number, atomically each.
@@ -190,6 +191,18 @@ class OutputAccess:
             },
             data_fingerprint=card.get("dataFingerprint") if isinstance(card, dict) else None,
         )
+
+
+def _unstarted_claimant(storage: Storage, output_uri: str, run: int) -> JobIdentity | None:
+    """Who claimed ``run`` when its directory holds nothing but what the operator writes before
+    the pods (the claim, the data listing): no trainer wrote there."""
+    prefix = Layout.run(run) + "/"
+    before_pods = {Layout.run_claim(run).removeprefix(prefix), Layout.data_listing(run).removeprefix(prefix)}
+    keys = {o.key for o in storage.list(safe_join(output_uri, Layout.run(run)) + "/")}
+    if not keys or not keys <= before_pods:
+        return None
+    claim = read_run_claim(storage, output_uri, run)
+    return claim.job if claim is not None else None
 
 
 #: Index records kept (the oldest are dropped beyond it; each run's directory keeps its own card).

@@ -191,6 +191,9 @@ class OutputView:
     """The highest ``runs/<n>/`` under the prefix: new runs are numbered above it."""
     error: str | None = None
     """Why the prefix could not be read (then nothing else is known)."""
+    unstarted_claimant: JobIdentity | None = None
+    """Who claimed the highest run when ``runs/<highest>/`` holds nothing but that claim
+    (``run.json``): claimed by an operator that died before the run started."""
 
 
 @dataclass(frozen=True)
@@ -517,6 +520,8 @@ class _Planner:
         self.live: FineTuneJob | None = None
         """The job as it is now (None while its spec is invalid)."""
         self.resumed = False
+        self.adopting: set[str] = set()
+        """Pods this pass creates for an attempt it adopted (not missing: never created yet)."""
 
     # -- conditions and events --
 
@@ -1000,10 +1005,24 @@ class _Planner:
             generation=self.generation,
             spec_hash=spec_hash(job),
             history=[Attempt(number=attempt, cause="Started", start_time=self.now)],
+            # Run 1 is always the job's creation (as plan_start words it); a later run's detail is unknown.
+            trigger_detail="the job was created" if newest == 1 else "",
         )
-        if alive:
+        # Followed, or judged by how its pods ended (a run that succeeded is not trained again; one
+        # whose trainer failed while nothing was recorded is retried, not replaced by a new run).
+        if alive or any(p.attempt == attempt and not p.deleting for p in pods):
             self.status.current_run = run
-            self.event("Normal", Reason.RUN_STARTED, f"found run {newest}'s pods (attempt {attempt}) and follows them")
+            self.cond(ConditionType.RUNNING, "True", Reason.POD_CREATED, f"run {newest}: found its pods")
+            self.cond(ConditionType.COMPLETE, "False", Reason.RUN_STARTED, f"run {newest} is in progress")
+            self.cond(ConditionType.FAILED, "False", Reason.RUN_STARTED, f"run {newest} is in progress")
+            self.cond(ConditionType.DATA_VALID, "Unknown", Reason.RUN_STARTED, f"run {newest} validates its data")
+            self.complete_adopted(job, newest, attempt)
+            self.event(
+                "Normal",
+                Reason.RUN_STARTED,
+                f"the status did not record run {newest}: found its pods (attempt {attempt}) and follows them; "
+                f"guessed: trigger {trigger}, the current spec, start time now, earlier attempts and runs unknown",
+            )
             return
         run.history = [run.history[0].model_copy(update={"end_time": self.now, "reason": "Unknown"})]
         run.result, run.reason, run.completion_time = "Cancelled", "Unknown", self.now
@@ -1014,6 +1033,24 @@ class _Planner:
             Reason.RUN_STARTED,
             f"run {newest} ended while its status was not recorded; the next run is {newest + 1}",
         )
+
+    def complete_adopted(self, job: FineTuneJob, run: int, attempt: int) -> None:
+        """An operator that died while creating an attempt's objects left some ranks without a
+        pod: create them, as long as no pod of the attempt has ended (a trainer waits for all its
+        ranks before it trains), rather than take the attempt for lost."""
+        pods = [p for p in self.run_pods(run) if p.attempt == attempt]
+        if any(p.terminal or p.deleting for p in pods):
+            return
+        have = {p.name for p in pods}
+        rendered = self.render_attempt(job, run, attempt)
+        missing = [o for o in rendered if o["kind"] == "Pod" and o["metadata"]["name"] not in have]
+        if not missing:
+            return
+        self.plan.create += [o for o in rendered if o["kind"] != "Pod" or o in missing]
+        self.adopting |= {str(o["metadata"]["name"]) for o in missing}
+        current = self.status.current_run
+        if current is not None and current.number == run:
+            current.pods = sorted(have | self.adopting)
 
     # -- spec changes --
 
@@ -1075,6 +1112,14 @@ class _Planner:
             return None
         last = self.status.current_run.number if self.status.current_run is not None else 0
         number = max(last, view.highest_run) + 1
+        claimant = view.unstarted_claimant
+        if (
+            claimant is not None
+            and claimant.same_job(me)
+            and view.highest_run > last
+            and not self.run_pods(view.highest_run)
+        ):
+            number = view.highest_run  # claimed by this job and never started: an operator died in between
         self.plan.claim = OutputClaim(identity=me, run=number, spec_hash=spec_hash(job), continue_lineage=lineage)
         self.plan.job = job
         if view.owner is not None and not view.owner.owner.same_job(me):
@@ -1197,7 +1242,11 @@ class _Planner:
         if current.retry_after is not None and self.now < current.retry_after:
             self.plan.requeue((current.retry_after - self.now).total_seconds())
             return
-        alive = [p for p in self.run_pods(current.number) if p.alive]
+        # Pods of the very attempt about to start were created by a pass whose status patch was
+        # lost (the operator died in between): that attempt is started again over them, not fenced.
+        alive = [
+            p for p in self.run_pods(current.number) if p.alive and (p.attempt != current.attempts + 1 or p.deleting)
+        ]
         overdue = [p for p in alive if self.stuck_terminating(p)]
         alive = [p for p in alive if p not in overdue]
         if alive:
@@ -1236,7 +1285,7 @@ class _Planner:
         expected = {names(self.name, current.number, attempt.number).pod(r): r for r in range(nodes)}
         by_name = {p.name: p for p in self.run_pods(current.number) if p.attempt == attempt.number}
         pods = [by_name.get(name) for name in expected]
-        missing = [name for name, pod in zip(expected, pods, strict=True) if pod is None]
+        missing = [name for name, pod in zip(expected, pods, strict=True) if pod is None and name not in self.adopting]
         present = [p for p in pods if p is not None]
         # What the trainer said wins over how its pod went away: a pod that finished (exit 0, or a
         # permanent code) and was deleted afterwards (a drain, kubectl delete) still ended the run.
@@ -1251,6 +1300,12 @@ class _Planner:
         lost = [
             p for p in present if p.disruption is not None or (p.deleting and (p.terminal or self.stuck_terminating(p)))
         ]
+        failed = [p for p in present if p.phase == "Failed" and p.disruption is None]
+        if missing and not lost and failed:
+            # A rank's trainer failed and the operator deleted the others (its status patch may
+            # have been lost since): the failure, not a preemption.
+            self.attempt_failed(job, current, min(failed, key=lambda p: p.rank))
+            return
         if missing or lost:
             what = (
                 f"pod {missing[0]} was deleted"

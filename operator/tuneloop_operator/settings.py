@@ -117,6 +117,10 @@ class OperatorSettings:
     """``TUNELOOP_TRAINER_METRICS_PORT``: the port trainer pods export metrics on."""
     watch_timeout: float = 300.0
     """``TUNELOOP_WATCH_TIMEOUT``: seconds before a watch is reopened even if it seems alive."""
+    watch_inactivity_timeout: float = 70.0
+    """``TUNELOOP_WATCH_INACTIVITY_TIMEOUT``: seconds a watch may stay silent (no event, no bookmark)
+    before it is taken as stalled and reopened; counted in ``tuneloop_operator_watch_stalls_total``.
+    The API server sends a bookmark about every minute on an idle watch."""
     log_level: str = "INFO"
     """``TUNELOOP_LOG_LEVEL``."""
     default_s3_endpoint: str | None = None
@@ -159,6 +163,7 @@ class OperatorSettings:
             stuck_terminating_seconds=_number(env, "TUNELOOP_STUCK_TERMINATING_SECONDS", 300.0),
             trainer_metrics_port=_port(env, "TUNELOOP_TRAINER_METRICS_PORT", 9400),
             watch_timeout=_number(env, "TUNELOOP_WATCH_TIMEOUT", 300.0, minimum=1.0),
+            watch_inactivity_timeout=_number(env, "TUNELOOP_WATCH_INACTIVITY_TIMEOUT", 70.0, minimum=1.0),
             log_level=env.get("TUNELOOP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
             default_s3_endpoint=_endpoint(env, "TUNELOOP_DEFAULT_S3_ENDPOINT"),
             default_s3_region=_optional(env, "TUNELOOP_DEFAULT_S3_REGION", _REGION, "an S3 region name"),

@@ -1600,7 +1600,10 @@ class KubernetesApiEmulator(kmock.KubernetesEmulator):
         assert raw is not None
         response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
-        await response.prepare(raw)
+        try:
+            await response.prepare(raw)
+        except ConnectionError:
+            return response  # the client went away before the stream began (e.g. a SIGKILLed operator)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
         epoch = self._epoch

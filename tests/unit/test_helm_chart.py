@@ -227,6 +227,7 @@ CHANGED_VALUES: Obj = {
         "maxPreemptions": 4,
         "stuckTerminatingSeconds": 42,
         "watchTimeout": 123,
+        "watchInactivityTimeout": 45,
         "metricsPort": 9000,
         "healthPort": 9001,
         "s3": {"connectTimeout": 2, "readTimeout": 9, "maxAttempts": 2},
