@@ -12,6 +12,8 @@ Why it is built this way:
   (DESIGN.md, "Contracts"): resume never picks a half-uploaded one.
 * **Retention never deletes the only good checkpoint.** Older checkpoints are deleted only after
   a newer manifest is written; the last ``keep`` complete ones and the best one (by metric) stay.
+  Partial ones left by a killed attempt go too, at the latest when training ends
+  (:meth:`CheckpointManager.remove_incomplete`).
 * **A checkpoint is data, never code.** Checkpoints live in a shared bucket; loading a pickle from
   there would be a code-execution path (cf. CVE-2025-32434). Weights are safetensors, and the rest
   is loaded only with ``torch.load(weights_only=True)``; :func:`capture_rng` turns RNG states into
@@ -335,6 +337,29 @@ class CheckpointManager:
             with self._lock:
                 self._manifests.pop(step, None)
             logger.info("deleted checkpoint step %d (%s)", step, uri)
+
+    def remove_incomplete(self) -> list[int]:
+        """Delete every checkpoint directory of the run that is not complete (no valid manifest,
+        or a listed file missing or of the wrong size) and return their steps.
+
+        Retention removes only those older than the newest checkpoint, since a newer one may be
+        the next save's to replace; a partial one past the last save of the attempt that finishes
+        the run (a SIGTERM's off-cadence checkpoint cut short by SIGKILL) would otherwise stay
+        forever. Call this when training has ended: it first waits for this manager's upload, and
+        no other writer of the run may be running."""
+        self.wait()
+        groups = self._scan()
+        whole = {info.step for own in (True, False) for info in self._complete_from(groups, own=own)}
+        removed = []
+        for step in sorted(set(groups) - whole):
+            uri = self.step_uri(step)
+            self.storage.delete(safe_join(uri, MANIFEST_NAME))
+            self.storage.delete_prefix(uri + "/")
+            with self._lock:
+                self._manifests.pop(step, None)
+            logger.info("deleted incomplete checkpoint step %d (%s)", step, uri)
+            removed.append(step)
+        return removed
 
     # --- finding ----------------------------------------------------------------------------
 

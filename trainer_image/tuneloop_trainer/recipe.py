@@ -883,6 +883,22 @@ class FineTuneRecipe:
                 break
         self.train_seconds = time.monotonic() - start_time
         self._report_completed_checkpoint()
+        if self.accelerator.is_main_process:
+            self._remove_incomplete_checkpoints()
+
+    def _remove_incomplete_checkpoints(self) -> None:
+        """Training is over: what killed attempts left half-uploaded can never be resumed."""
+        from tuneloop.storage import StorageError  # noqa: PLC0415
+
+        try:
+            removed = self.checkpoints.remove_incomplete()
+        except (StorageError, OSError) as exc:
+            # Leftovers cost storage, not correctness: say so and carry on.
+            log.warning("removing incomplete checkpoints failed: %s", exc)
+            return
+        if removed:
+            steps = ", ".join(str(s) for s in removed)
+            self.sinks.message(f"   removed incomplete checkpoint(s) at step {steps} left by an interrupted attempt")
 
     def _validate_and_maybe_stop(self, epoch: float) -> bool:
         if not self.validation_features:
