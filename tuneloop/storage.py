@@ -1892,7 +1892,7 @@ class FileStorage(Storage):
         with self._translating(uri, "listing"):
             if not path.is_dir():
                 return []
-            return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+            return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink() and _holds_objects(p))
 
     # -- streaming and ranged reads --
 
@@ -1925,6 +1925,13 @@ class FileStorage(Storage):
 def _check_range(uri: str, start: int, end: int) -> None:
     if start < 0 or end < 0:
         raise ValueError(f"reading {uri}: a byte range starts and ends at offsets >= 0, got {start} to {end}")
+
+
+def _holds_objects(directory: Path) -> bool:
+    """Whether a folder holds an object, as an S3 prefix exists only while objects are under it: a
+    folder with nothing but empty folders or in-flight temporary files (a writer killed before its
+    rename) is not listed, so a run a killed writer never finished claiming is not taken for one."""
+    return any(f.is_file() and not f.name.startswith(_TMP_PREFIX) for f in directory.rglob("*") if not f.is_symlink())
 
 
 class _ResumingBody(io.RawIOBase):
