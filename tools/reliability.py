@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             "reliability",
             "-p",
             "no:cacheprovider",
-            "tests/reliability",
+            # The whole suite unless some of its files or tests are named.
+            *([] if any(a.startswith("tests/") for a in pytest_args) else ["tests/reliability"]),
             *pytest_args,
         ]
         code = subprocess.call(cmd, cwd=ROOT, env=env)  # noqa: S603 - our own argv, no shell

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from transformers import get_scheduler
 
 from tuneloop.api import FineTuneJob
@@ -519,6 +520,12 @@ class FineTuneRecipe:
             autocast=self.accelerator.autocast,
             evaluate_base=evaluate_base,
         )
+        if self.accelerator.num_processes > 1:
+            # Each process ran the stage on the same rows; devices may still differ in the last
+            # bits and flag different rows, and every process must train on the same ones.
+            box: list[Any] = [found]
+            broadcast_object_list(box, from_process=0)
+            found = box[0]
         lines = found.baselines.lines() if found.baselines is not None else []
         if found.label_issues is not None:
             self.data.report.label_issues = found.label_issues.to_dict()
