@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -318,6 +318,9 @@ class LoadedModel:
     config: PretrainedConfig
     dropout: DropoutSetting | None = None
     """What ``hyperparameters.dropout`` set (``None``: not asked for)."""
+    fresh_weights: list[str] = field(default_factory=list)
+    """Weights of the pretrained backbone (not a task head) that the checkpoint did not hold:
+    transformers initialised them at random (see :func:`fresh_backbone_weights`)."""
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters."""
@@ -349,14 +352,21 @@ def load_model(
     if spec.method.type == "qlora":
         kwargs["quantization_config"] = _four_bit_config()
     tokenizer = load_tokenizer(resolved, family)
-    model = _load_for_task(spec.task, resolved, config, tokenizer, label_names, kwargs=kwargs)
+    fresh: list[str] = []
+    model = _load_for_task(spec.task, resolved, config, tokenizer, label_names, kwargs=kwargs, fresh=fresh)
     if spec.hyperparameters.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     model = apply_method(model, spec.method, spec.task, family, resolved.location)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, family=family, resolved=resolved, config=config, dropout=dropout
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        resolved=resolved,
+        config=config,
+        dropout=dropout,
+        fresh_weights=fresh,
     )
 
 
@@ -368,8 +378,10 @@ def _load_for_task(
     label_names: Sequence[str] | None,
     *,
     kwargs: dict[str, Any],
+    fresh: list[str] | None = None,
 ) -> Any:
-    """``from_pretrained`` with the task's Auto class, refusing corrupt and mismatched weights."""
+    """``from_pretrained`` with the task's Auto class, refusing corrupt and mismatched weights;
+    ``fresh`` receives the backbone weights the checkpoint lacked (:func:`fresh_backbone_weights`)."""
     check_weight_files(resolved)
     auto: Any
     if task == "sequence-classification":
@@ -396,7 +408,22 @@ def _load_for_task(
         raise _corrupt_weights("a weights file (pytorch_model.bin)", resolved, exc) from None
     _refuse_mismatched(info.get("mismatched_keys") or (), resolved.uri, task)
     _refuse_non_finite(model, resolved.uri)
+    missing = fresh_backbone_weights(model, info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        log.warning("%s lacks backbone weights, initialised at random: %s%s", resolved.uri, missing[0], more)
+        if fresh is not None:
+            fresh.extend(missing)
     return model
+
+
+def fresh_backbone_weights(model: nn.Module, missing_keys: Iterable[str]) -> list[str]:
+    """The missing weights that belong to the pretrained backbone (under ``base_model_prefix``),
+    not to a task head a checkpoint may rightly lack (``classifier``, ``score``): a tensor renamed or
+    dropped from a damaged or mismatched checkpoint, which transformers silently initialises at
+    random — the run would fine-tune a partly random model."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return sorted(k for k in missing_keys if prefix and k.startswith(f"{prefix}."))
 
 
 def _refuse_non_finite(model: nn.Module, uri: str) -> None:

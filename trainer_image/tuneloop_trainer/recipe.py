@@ -417,6 +417,15 @@ class FineTuneRecipe:
             f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(1, total):.2f} %), "
             f"method {self.spec.method.type}, precision {self.accelerator.mixed_precision}"
         )
+        if self.loaded.fresh_weights:  # a damaged or mismatched checkpoint: say it where it is read
+            fresh = self.loaded.fresh_weights
+            note = (
+                f"{self.resolved.uri} lacks {len(fresh)} weight(s) of the pretrained model, which were initialised "
+                f"at random: {', '.join(fresh[:5])}{' …' if len(fresh) > 5 else ''}; check the checkpoint "
+                "(a renamed or dropped tensor) or that it is the architecture its config names"
+            )
+            self.sinks.message(f"   WARNING: {note}")
+            self.notes.append(note)
         dropout = self.loaded.dropout
         if dropout is not None:  # hyperparameters.dropout: what it set, or that it could set nothing
             self.sinks.message(f"   {dropout.summary()}")
