@@ -49,15 +49,16 @@ RULES: Final[tuple[Rule, ...]] = (
     # Watch FineTuneJobs (every namespace, or the listed ones); patch: Kopf's finalizer, progress annotations.
     Rule((GROUP,), ("finetunejobs",), ("get", "list", "watch", "patch")),
     # Status (conditions, progress, attempts) is written through the status subresource, one patch per change.
-    Rule((GROUP,), ("finetunejobs/status",), ("get", "patch")),
+    Rule((GROUP,), ("finetunejobs/status",), ("patch",)),
     # Trainer pods: created per attempt, watched for exit codes, deleted on retry or cancel.
-    Rule((CORE,), ("pods",), ("get", "list", "watch", "create", "delete")),
-    # A run's ConfigMap (the job, as job.json) and headless Service (pod 0 for multi-node runs).
-    Rule((CORE,), ("configmaps", "services"), ("get", "list", "create", "delete")),
+    Rule((CORE,), ("pods",), ("list", "watch", "create", "delete")),
+    # A run's ConfigMap (the job, as job.json) and headless Service (pod 0 for multi-node runs);
+    # children are only ever listed by label, never read by name.
+    Rule((CORE,), ("configmaps", "services"), ("list", "create", "delete")),
     # The job's spec.storage.secretRef, read by name to fetch the trainer's S3 heartbeat; never listed.
     Rule((CORE,), ("secrets",), ("get",)),
-    # Kopf posts events on the FineTuneJob (core v1), newer clients through events.k8s.io.
-    Rule((CORE, "events.k8s.io"), ("events",), ("create", "patch")),
+    # Events on the FineTuneJob, the operator's and Kopf's: each a new core v1 Event (POST).
+    Rule((CORE,), ("events",), ("create",)),
     # Kopf's cluster-wide namespace scan (which namespaces exist to serve); not in the namespaced mode.
     Rule((CORE,), ("namespaces",), ("list", "watch"), cluster_scoped=True),
     # Kopf's resource scan: notices the FineTuneJob CRD appearing or changing; never writes CRDs.

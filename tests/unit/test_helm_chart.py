@@ -292,11 +292,11 @@ def grants(rules: list[Obj]) -> set[tuple[str, str, str]]:
 # exactly these, so widening RULES is a visible change to this list too.
 NAMESPACED_GRANTS = {
     *product(["tuneloop.dev"], ["finetunejobs"], ["get", "list", "watch", "patch"]),
-    *product(["tuneloop.dev"], ["finetunejobs/status"], ["get", "patch"]),
-    *product([""], ["pods"], ["get", "list", "watch", "create", "delete"]),
-    *product([""], ["configmaps", "services"], ["get", "list", "create", "delete"]),
+    ("tuneloop.dev", "finetunejobs/status", "patch"),
+    *product([""], ["pods"], ["list", "watch", "create", "delete"]),
+    *product([""], ["configmaps", "services"], ["list", "create", "delete"]),
     ("", "secrets", "get"),
-    *product(["", "events.k8s.io"], ["events"], ["create", "patch"]),
+    ("", "events", "create"),
 }
 CLUSTER_SCAN_GRANTS = {
     *product([""], ["namespaces"], ["list", "watch"]),

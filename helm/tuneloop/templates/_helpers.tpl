@@ -147,24 +147,24 @@ matchExpressions:
 # Status (conditions, progress, attempts), through the status subresource.
 - apiGroups: ["tuneloop.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # Trainer pods: created per attempt, watched for exit codes, deleted on retry or cancel.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 # A run's ConfigMap (job.json) and headless Service (pod 0 of a multi-node run).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["list", "create", "delete"]
 # The Secret a job names in spec.storage.secretRef (or the platform's default), read by name
 # for the S3 heartbeat. Never list or watch: the operator sees no Secret it was not pointed at.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Events on FineTuneJobs (core v1 and events.k8s.io).
-- apiGroups: ["", "events.k8s.io"]
+# Events on FineTuneJobs, the operator's and Kopf's: each a new core v1 Event.
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
 
 {{/* The egress rule to DNS (port 53, UDP and TCP). */}}
