@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tests.harness.k8s_fixtures import K8sApi
 from tests.manifests import ROOT
 
 if TYPE_CHECKING:
@@ -77,18 +77,6 @@ progress.Sinks.step, checkpoints.CheckpointManager.save = logged_step, logged_sa
 from tuneloop_trainer.main import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something truthy and return that; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- the trainer as a process --------------------------------------------------------------------
@@ -159,7 +147,7 @@ class TrainerProcess:
                 raise AssertionError(f"trainer ended ({self.proc.returncode}) before step {step}")
             return self.last_step() >= step
 
-        wait_for(reached, timeout=timeout, what=f"the trainer's step {step}")
+        K8sApi.wait_for(reached, timeout=timeout, interval=0.02, message=f"the trainer's step {step}")
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.k8s_fixtures import K8sApi
 from tests.harness.reliability import Figure, is_full, sample
 from tests.harness.s3 import S3Harness
 from tests.harness.trainer_faults import (
@@ -41,7 +42,6 @@ from tests.harness.trainer_faults import (
     checkpoint_file,
     checkpoint_listing,
     incomplete_multipart_uploads,
-    wait_for,
     widened_gpt2,
 )
 from tests.integration.test_trainer import manifest, rows_for, write_jsonl
@@ -207,7 +207,9 @@ def kill_and_resume(
                 trainer.wait_for_step(target)
                 trainer.signal(sig)
             else:
-                wait_for(lambda: hold.seen.is_set() or trainer.proc.poll() is not None, timeout=300, what="the hold")
+                K8sApi.wait_for(
+                    lambda: hold.seen.is_set() or trainer.proc.poll() is not None, timeout=300, message="the hold"
+                )
                 if not hold.seen.is_set():
                     code, _, stderr = trainer.finish()
                     raise AssertionError(f"the trainer ended ({code}) before the held request:\n{stderr[-3000:]}")
