@@ -48,6 +48,7 @@ def test_a_recorded_figure_reaches_the_results_file(pytester: pytest.Pytester, m
     )
     out = pytester.path / "figures.jsonl"
     monkeypatch.setenv(reliability.RESULTS_ENV, str(out))
+    monkeypatch.delenv(reliability.MODE_ENV, raising=False)  # `make reliability` sets it for the outer run
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
     (entry,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert entry["scenario"] == "9. Load" and entry["count"] == 2 and entry["mode"] == "quick"
