@@ -886,6 +886,9 @@ class FineTuneRecipe:
                     at = (epoch + 1, 0) if end_of_epoch else (epoch, start + accum)
                     self.save_checkpoint(*at, blocking=self.stop_requested)
                     if self.stop_requested:
+                        # A stop that arrived while this save waited for the previous upload
+                        # started it in the background: finish it before saying it is saved.
+                        self._report_completed_checkpoint()
                         raise Interrupted(f"stopped at step {self.step} on request; checkpoint saved")
                 if stop:
                     self.stopped_early = True
