@@ -126,6 +126,8 @@ class Runtime:
     beats: dict[Key, Heartbeat] = field(default_factory=dict)
     beat_errors: dict[Key, str] = field(default_factory=dict)
     active: set[Key] = field(default_factory=set)
+    recorded: set[Key] = field(default_factory=set)
+    """Jobs whose last seen status was written by an operator (it has ``observedGeneration``)."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -162,6 +164,7 @@ class Runtime:
         self.beats.pop(key, None)
         self.beat_errors.pop(key, None)
         self.active.discard(key)
+        self.recorded.discard(key)
         self.observer.forget(key)
         self.locks.pop(key, None)
         self.metrics.jobs.forget(*key)
@@ -531,12 +534,19 @@ async def on_job_event(
     current = seen.get("currentRun")
     if isinstance(current, Mapping) and not current.get("result"):
         runtime.active.add(key)
+    recorded = seen.get("observedGeneration") is not None
     if type == "MODIFIED" and unhandled_request(annotations, seen.get("annotations")):
         runtime.trigger(key, "annotation")
-    elif type == "MODIFIED" and seen.get("observedGeneration") is None:
-        # The status was emptied (or never written): rebuild it now, not at the next restart
-        # (Kopf's update handler ignores status changes; an idle job has no pod events).
+    elif type == "MODIFIED" and not recorded and key in runtime.recorded:
+        # A status this operator had seen written was emptied: rebuild it now, not at the next
+        # restart (Kopf's update handler ignores status changes; an idle job has no pod events).
+        # A status never written yet is not a loss: the job's own reconcile is under way, and a
+        # trigger per event would retry a refused pod create at every metadata change.
         runtime.trigger(key, "status-lost")
+    if recorded:
+        runtime.recorded.add(key)
+    else:
+        runtime.recorded.discard(key)
 
 
 #: Request annotations and their keys in ``status.annotations`` (the value handled last).
