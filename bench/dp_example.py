@@ -2,11 +2,13 @@
 
 The `make run` job (all-MiniLM-L6-v2, LoRA, the synthetic product reviews of
 ``tuneloop_trainer.example``) with ``privacy: {targetEpsilon: 8, maxGradNorm: 1}`` and
-``method.lora.r: 4``; class weights are off (``balance`` is refused with privacy: weights from
+``method.lora.r: 4`` (``--method`` sets another ``spec.method``, as JSON); class weights are
+off (``balance`` is refused with privacy: weights from
 the training labels make each row's loss depend on the others). Prints the test accuracy, the
 majority-class and linear-probe baselines the run measured itself, and the ε it spent.
 
-    .venv/bin/python bench/dp_example.py --rows 2400 --lr 2e-2 --epochs 6 --batch 256
+    .venv/bin/python bench/dp_example.py --rows 2400 --lr 2e-2 --epochs 6 --batch 256 \
+        --method '{"type": "lora", "lora": {"r": 4, "targetModules": ["query", "value"]}}'
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--method", default='{"type": "lora", "lora": {"r": 4}}', help="spec.method as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         m = yaml.safe_load(write_example(root / "example", rows=args.rows).read_text())
         spec = m["spec"]
         spec["hyperparameters"].update({"learningRate": args.lr, "epochs": args.epochs, "batchSize": args.batch})
-        spec["method"] = {"type": "lora", "lora": {"r": 4}}
+        spec["method"] = json.loads(args.method)
         spec["dataset"].pop("balance")
         spec["privacy"] = {"targetEpsilon": args.epsilon, "maxGradNorm": 1.0}
         spec["output"] = {"uri": f"file://{root / 'out'}/"}

@@ -748,8 +748,9 @@ class Privacy(ApiModel):
     reproducible bit for bit. The guarantee covers the weights, not the training-loss curve or the
     data reports, which describe the training rows directly. DP-SGD learns when the noise is small
     beside the signal: start from a pretrained model, train few weights (``lora`` with a small
-    ``r``), use a large ``batchSize`` (64 or more), more epochs and a higher learning rate than
-    without DP; a randomly initialised model does not learn under the noise."""
+    ``r`` on few modules, e.g. ``targetModules: [query, value]``), use a large ``batchSize`` (64 or
+    more), more epochs and a higher learning rate than without DP; a randomly initialised model
+    does not learn under the noise."""
 
     target_epsilon: Annotated[float, Field(gt=0, le=100)]
     """Privacy budget ε for the whole run (smaller is more private and adds more noise; 1–10 is
