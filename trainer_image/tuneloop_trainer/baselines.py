@@ -375,7 +375,10 @@ def find_label_issues(
         return LabelIssues(action, len(y), 0, skipped=why, seconds=time.monotonic() - t0)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     proba = cross_val_predict(_probe(), x, compact, cv=cv, method="predict_proba")
-    ranked = cleanlab_find(labels=compact, pred_probs=proba, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: with more, Cleanlab forks a multiprocessing pool from this process, whose torch,
+    # heartbeat and upload threads may hold a lock at the fork: the child then waits forever (a run
+    # hung intermittently that way). One process ranks an (n × classes) table in well under a second.
+    ranked = cleanlab_find(labels=compact, pred_probs=proba, return_indices_ranked_by="self_confidence", n_jobs=1)
     indices = [int(i) for i in ranked]
 
     def name(class_id: int) -> str:
