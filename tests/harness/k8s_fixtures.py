@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pytest
 import requests
@@ -29,6 +29,7 @@ import requests
 from tests.harness.k8s import EmulatorThread, KubernetesApiEmulator
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def kubectl_binary() -> str:
@@ -39,12 +40,24 @@ def kubectl_binary() -> str:
     return found
 
 
+def _on_loop(method: Callable[Concatenate[KubernetesApiEmulator, P], T]) -> Callable[Concatenate[K8sApi, P], T]:
+    """A :class:`K8sApi` method that runs the emulator's ``method`` on the emulator's loop."""
+
+    def on_loop(self: K8sApi, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.call(method, self.emulator, *args, **kwargs)
+
+    on_loop.__name__, on_loop.__doc__ = method.__name__, method.__doc__
+    return on_loop
+
+
 class K8sApi:
     """A test's handle on the emulator: Python-side access, raw HTTP, kubectl, kubeconfig.
 
     The object helpers run inside the emulator (on its loop, through the same code paths as
     HTTP requests, so watchers see the changes) and raise :class:`tests.harness.k8s.ApiError`
-    like the server would answer. Objects are plain dicts.
+    like the server would answer. They are the emulator's Python API (``create`` is
+    ``KubernetesApiEmulator.create_object``...); objects are plain dicts, ``kind`` may also be
+    the plural, and namespaced kinds default to the ``default`` namespace.
     """
 
     def __init__(self, server: EmulatorThread, kubeconfig_path: Path) -> None:
@@ -71,83 +84,16 @@ class K8sApi:
         """Run ``fn`` on the emulator's event loop (where its state lives) and return the result."""
         return self.server.call(fn, *args, **kwargs)
 
-    # ---- objects ---------------------------------------------------------------------------
+    # ---- objects: the emulator's Python API, run on its loop ------------------------------
 
-    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create an object (``fieldValidation=Strict``); the namespace defaults to ``default``."""
-        return self.call(self.emulator.create_object, obj)
-
-    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        """The current object or ``None``; ``kind`` may also be the plural; namespace defaults to ``default``."""
-        return self.call(self.emulator.get_object, api_version, kind, name, namespace)
-
-    def list(
-        self,
-        api_version: str,
-        kind: str,
-        namespace: str | None = None,
-        *,
-        label_selector: str = "",
-        field_selector: str = "",
-    ) -> list[dict[str, Any]]:
-        """Live objects; all namespaces when ``namespace`` is None."""
-        return self.call(
-            self.emulator.list_objects,
-            api_version,
-            kind,
-            namespace,
-            label_selector=label_selector,
-            field_selector=field_selector,
-        )
-
-    def put(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create, or replace unconditionally (including ``status`` via the status subresource)."""
-        return self.call(self.emulator.put_object, obj)
-
-    def replace(self, obj: Mapping[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
-        """PUT; ``metadata.resourceVersion``, if present, is a precondition."""
-        return self.call(self.emulator.replace_object, obj, subresource=subresource)
-
-    def patch(
-        self,
-        api_version: str,
-        kind: str,
-        name: str,
-        patch: Any,
-        namespace: str | None = None,
-        *,
-        subresource: str | None = None,
-        patch_type: str = "merge",
-    ) -> dict[str, Any]:
-        """PATCH with ``patch_type`` ``merge`` (default), ``json`` or ``strategic``."""
-        return self.call(
-            self.emulator.patch_object,
-            api_version,
-            kind,
-            name,
-            patch,
-            namespace,
-            subresource=subresource,
-            patch_type=patch_type,
-        )
-
-    def delete(
-        self,
-        api_version: str,
-        kind: str,
-        name: str,
-        namespace: str | None = None,
-        *,
-        propagation_policy: str | None = None,
-    ) -> dict[str, Any]:
-        """DELETE; returns what the server returns (the object while it is being deleted)."""
-        return self.call(
-            self.emulator.delete_object, api_version, kind, name, namespace, propagation_policy=propagation_policy
-        )
-
-    def preload_crd(self, crd: Mapping[str, Any]) -> dict[str, Any]:
-        """Create or replace a CRD (a dict, e.g. ``yaml.safe_load`` of a CRD file)."""
-        return self.call(self.emulator.preload_crd, crd)
+    create = _on_loop(KubernetesApiEmulator.create_object)
+    get = _on_loop(KubernetesApiEmulator.get_object)
+    list = _on_loop(KubernetesApiEmulator.list_objects)
+    put = _on_loop(KubernetesApiEmulator.put_object)
+    replace = _on_loop(KubernetesApiEmulator.replace_object)
+    patch = _on_loop(KubernetesApiEmulator.patch_object)
+    delete = _on_loop(KubernetesApiEmulator.delete_object)
+    preload_crd = _on_loop(KubernetesApiEmulator.preload_crd)
 
     def create_namespace(self, name: str) -> dict[str, Any]:
         return self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})

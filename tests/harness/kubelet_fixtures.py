@@ -23,11 +23,7 @@ from tests.harness.kubelet import LocalKubelet
 @pytest.fixture
 def local_kubelet(k8s_api: K8sApi, tmp_path: Path) -> Iterator[LocalKubelet]:
     """A started local kubelet on the test's emulator; stopped at teardown (see the module docstring)."""
-    kubelet = LocalKubelet(k8s_api, tmp_path / "kubelet")
-    kubelet.start()
-    try:
+    with LocalKubelet(k8s_api, tmp_path / "kubelet") as kubelet:
         yield kubelet
-    finally:
-        kubelet.stop()
     if kubelet.errors:
         pytest.fail("the local kubelet raised internally:\n" + "\n".join(kubelet.errors), pytrace=False)
