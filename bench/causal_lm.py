@@ -17,20 +17,30 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SPEED_ROWS, compare, peak_rss_mb, read_sst2, train_ours, write_jsonl
+from common import (
+    SPEED_ROWS,
+    baseline_arguments,
+    bench_manifest,
+    compare,
+    peak_rss_mb,
+    read_sst2,
+    save_gpt2,
+    timed_train,
+    train_ours,
+    write_jsonl,
+)
 
 HP = {"lr": 1e-3, "batch_size": 32, "max_len": 128, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
 
 def prepare(workdir: Path, limit: int | None) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     train = [t for t, _ in read_sst2("train")]
     train = train[:limit] if limit else train
@@ -42,8 +52,9 @@ def prepare(workdir: Path, limit: int | None) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>", "<|pad|>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    config = GPT2Config(
-        vocab_size=len(fast),
+    save_gpt2(
+        workdir / "base-model",
+        fast,
         n_positions=512,
         n_embd=256,
         n_layer=4,
@@ -51,12 +62,6 @@ def prepare(workdir: Path, limit: int | None) -> None:
         bos_token_id=fast.eos_token_id,
         eos_token_id=fast.eos_token_id,
     )
-    import torch
-
-    torch.manual_seed(0)
-    model_dir = workdir / "base-model"
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
-    fast.save_pretrained(model_dir)
 
 
 def dev_loss(model_dir: Path, workdir: Path) -> float:
@@ -79,45 +84,20 @@ def dev_loss(model_dir: Path, workdir: Path) -> float:
 
 
 def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
-
-    out = workdir / "ours-out"
-    manifest = {
-        "apiVersion": "tuneloop.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench-clm"},
-        "spec": {
-            "task": "causal-lm",
-            "model": {"uri": f"file://{workdir / 'base-model'}"},
-            "dataset": {
-                "uri": f"file://{workdir / 'train.jsonl'}",
-                "split": {
-                    "validationUri": f"file://{workdir / 'dev.jsonl'}",
-                    "testUri": f"file://{workdir / 'dev.jsonl'}",
-                },
-                "cleaning": {"dedupe": "off"},
-                "screening": {"pii": "off"},
-            },
-            "method": {"type": "full"},
-            "hyperparameters": {
-                "learningRate": HP["lr"],
-                "epochs": epochs,
-                "batchSize": HP["batch_size"],
-                "maxSeqLength": HP["max_len"],
-                "warmupRatio": HP["warmup_ratio"],
-                "weightDecay": HP["weight_decay"],
-                "seed": HP["seed"],
-                "precision": "fp32",
-                "packing": True,
-            },
-            "evaluation": {"metrics": ["perplexity"]},
-            "output": {"uri": f"file://{out}/"},
-            "resources": {"gpus": 0},
-        },
-    }
+    manifest = bench_manifest(
+        "bench-clm",
+        "causal-lm",
+        f"file://{workdir / 'base-model'}",
+        workdir,
+        epochs,
+        hp=HP,
+        hyperparameters={"packing": True},
+        evaluation={"metrics": ["perplexity"]},
+    )
     _result, steps = train_ours(manifest, workdir)
     return {
         **steps,
-        "dev_loss": dev_loss(out / "runs" / "1" / "model", workdir),
+        "dev_loss": dev_loss(workdir / "ours-out" / "runs" / "1" / "model", workdir),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -129,7 +109,6 @@ def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
         AutoTokenizer,
         DataCollatorForLanguageModeling,
         Trainer,
-        TrainingArguments,
     )
 
     torch.manual_seed(HP["seed"])
@@ -147,27 +126,10 @@ def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
 
     model = AutoModelForCausalLM.from_pretrained(base)
     steps = epochs * math.ceil(len(items) / HP["batch_size"])
-    args = TrainingArguments(
-        output_dir=str(workdir / "baseline-out"),
-        per_device_train_batch_size=HP["batch_size"],
-        learning_rate=HP["lr"],
-        num_train_epochs=epochs,
-        warmup_steps=int(HP["warmup_ratio"] * steps),
-        weight_decay=HP["weight_decay"],
-        seed=HP["seed"],
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = baseline_arguments(workdir, epochs, steps, HP)
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collator)
-    start = time.perf_counter()
-    out = trainer.train()
-    seconds = out.metrics.get("train_runtime", time.perf_counter() - start)
+    seconds = timed_train(trainer)
     tokens = epochs * sum(len(x["input_ids"]) for x in items)
     saved = workdir / "baseline-model"
     trainer.save_model(str(saved))

@@ -31,14 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 def build_model(directory: Path) -> int:
     """A GPT-2-style model of about 100 MB (fp32) with the tiny test tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from common import save_gpt2
 
     from tests.harness.tiny_models import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer("gpt2")
-    config = GPT2Config(
-        vocab_size=len(tok),
+    model = save_gpt2(
+        directory,
+        tok,
         n_positions=128,
         n_embd=512,
         n_layer=8,
@@ -47,10 +47,6 @@ def build_model(directory: Path) -> int:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -108,6 +104,8 @@ def sigterm_latency(endpoint: str, bucket: str, model_dir: Path, trials: int, wo
     import boto3
     import yaml
 
+    from tuneloop_trainer.example import job_manifest
+
     data = work / "data.jsonl"
     data.write_text(
         "".join(json.dumps({"text": f"the cat sat on the mat number {i} today"}) + "\n" for i in range(400))
@@ -116,21 +114,16 @@ def sigterm_latency(endpoint: str, bucket: str, model_dir: Path, trials: int, wo
     latencies = []
     for trial in range(trials):
         prefix = f"latency/{trial}/"
-        manifest = {
-            "apiVersion": "tuneloop.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "bench-ckpt"},
-            "spec": {
-                "task": "causal-lm",
-                "model": {"uri": f"file://{model_dir}"},
-                "dataset": {"uri": f"file://{data}", "screening": {"pii": "off"}},
-                "method": {"type": "full"},
-                "hyperparameters": {"epochs": 50, "batchSize": 8, "maxSeqLength": 64, "packing": False},
-                "output": {"uri": f"s3://{bucket}/{prefix}", "checkpoint": {"everyMinutes": 60}},
-                "storage": {"endpoint": endpoint, "addressingStyle": "path"},
-                "resources": {"gpus": 0},
-            },
-        }
+        manifest = job_manifest(
+            "bench-ckpt",
+            task="causal-lm",
+            model_uri=f"file://{model_dir}",
+            dataset={"uri": f"file://{data}", "screening": {"pii": "off"}},
+            method={"type": "full"},
+            hyperparameters={"epochs": 50, "batchSize": 8, "maxSeqLength": 64, "packing": False},
+            storage={"endpoint": endpoint, "addressingStyle": "path"},
+            output={"uri": f"s3://{bucket}/{prefix}", "checkpoint": {"everyMinutes": 60}},
+        )
         job = work / f"job-{trial}.yaml"
         job.write_text(yaml.safe_dump(manifest))
         proc = subprocess.Popen(

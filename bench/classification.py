@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SPEED_ROWS, compare, peak_rss_mb, read_sst2, train_ours, write_jsonl
+from common import (
+    SPEED_ROWS,
+    baseline_arguments,
+    bench_manifest,
+    compare,
+    peak_rss_mb,
+    read_sst2,
+    timed_train,
+    train_ours,
+    write_jsonl,
+)
 
 HP = {"lr": 5e-5, "batch_size": 32, "max_len": 128, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 42}
 
@@ -37,39 +46,16 @@ def ours_manifest(workdir: Path, epochs: int) -> dict[str, Any]:
     Length statistics and error analysis always run (outside the training steps timed here)."""
     from tuneloop_trainer.example import minilm_path
 
-    return {
-        "apiVersion": "tuneloop.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench-sst2"},
-        "spec": {
-            "task": "sequence-classification",
-            "model": {"uri": f"file://{minilm_path()}"},
-            "dataset": {
-                "uri": f"file://{workdir / 'train.jsonl'}",
-                "split": {
-                    "validationUri": f"file://{workdir / 'dev.jsonl'}",
-                    "testUri": f"file://{workdir / 'dev.jsonl'}",
-                },
-                "cleaning": {"dedupe": "off", "dropEmpty": True},
-                "screening": {"pii": "off"},
-                "labelIssues": "off",
-            },
-            "method": {"type": "full"},
-            "hyperparameters": {
-                "learningRate": HP["lr"],
-                "epochs": epochs,
-                "batchSize": HP["batch_size"],
-                "maxSeqLength": HP["max_len"],
-                "warmupRatio": HP["warmup_ratio"],
-                "weightDecay": HP["weight_decay"],
-                "seed": HP["seed"],
-                "precision": "fp32",
-            },
-            "evaluation": {"metrics": ["accuracy"], "baselines": False},
-            "output": {"uri": f"file://{workdir / 'ours-out'}/"},
-            "resources": {"gpus": 0},
-        },
-    }
+    return bench_manifest(
+        "bench-sst2",
+        "sequence-classification",
+        f"file://{minilm_path()}",
+        workdir,
+        epochs,
+        hp=HP,
+        dataset={"cleaning": {"dedupe": "off", "dropEmpty": True}, "labelIssues": "off"},
+        evaluation={"metrics": ["accuracy"], "baselines": False},
+    )
 
 
 def run_ours(workdir: Path, epochs: int) -> dict[str, Any]:
@@ -89,7 +75,6 @@ def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainingArguments,
     )
 
     from tuneloop_trainer.example import minilm_path
@@ -116,27 +101,9 @@ def run_baseline(workdir: Path, epochs: int) -> dict[str, Any]:
     train, dev = Data(rows["train"]), Data(rows["dev"])
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     steps = epochs * -(-len(train) // HP["batch_size"])
-    args = TrainingArguments(
-        output_dir=str(workdir / "baseline-out"),
-        per_device_train_batch_size=int(HP["batch_size"]),
-        per_device_eval_batch_size=64,
-        learning_rate=HP["lr"],
-        num_train_epochs=epochs,
-        warmup_steps=int(HP["warmup_ratio"] * steps),
-        weight_decay=HP["weight_decay"],
-        seed=int(HP["seed"]),
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = baseline_arguments(workdir, epochs, steps, HP, per_device_eval_batch_size=64)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
-    start = time.perf_counter()
-    out = trainer.train()
-    seconds = out.metrics.get("train_runtime", time.perf_counter() - start)
+    seconds = timed_train(trainer)
     tokens = epochs * sum(len(x["input_ids"]) for x in train.items)
     pred = trainer.predict(dev)
     accuracy = float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())

@@ -7,6 +7,8 @@ import os
 import resource
 import subprocess
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,97 @@ class StepRecorder:
 
     def result(self) -> dict[str, float]:
         return {"tokens": self.tokens, "train_seconds": self.seconds, "tokens_per_second": self.tokens / self.seconds}
+
+
+def bench_manifest(
+    name: str,
+    task: str,
+    model_uri: str,
+    workdir: Path,
+    epochs: int,
+    *,
+    hp: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    dataset: Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Our side's job: ``train.jsonl`` to train on, ``dev.jsonl`` to validate and test on, the
+    benchmark's hyperparameters ``hp`` in fp32, full fine-tuning, output to ``ours-out/``.
+
+    ``dataset`` and ``hyperparameters`` add to (or override) those blocks."""
+    from tuneloop_trainer.example import job_manifest
+
+    return job_manifest(
+        name,
+        task=task,
+        model_uri=model_uri,
+        dataset={
+            "uri": f"file://{workdir / 'train.jsonl'}",
+            "split": {"validationUri": f"file://{workdir / 'dev.jsonl'}", "testUri": f"file://{workdir / 'dev.jsonl'}"},
+            "cleaning": {"dedupe": "off"},
+            "screening": {"pii": "off"},
+            **(dataset or {}),
+        },
+        method={"type": "full"},
+        hyperparameters={
+            "learningRate": hp["lr"],
+            "epochs": epochs,
+            "batchSize": hp["batch_size"],
+            "maxSeqLength": hp["max_len"],
+            "warmupRatio": hp["warmup_ratio"],
+            "weightDecay": hp["weight_decay"],
+            "seed": hp["seed"],
+            "precision": "fp32",
+            **(hyperparameters or {}),
+        },
+        evaluation=evaluation,
+        output={"uri": f"file://{workdir / 'ours-out'}/"},
+    )
+
+
+def save_gpt2(directory: Path, tokenizer: Any, **config: Any) -> Any:
+    """A GPT-2-style model built from ``config`` (seeded: the same weights every time), saved
+    with its tokenizer into ``directory``; returns the model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **config))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def baseline_arguments(workdir: Path, epochs: int, steps: int, hp: Mapping[str, Any], **extra: Any) -> Any:
+    """The baseline's ``TrainingArguments``: the benchmark's hyperparameters ``hp`` over ``steps``
+    optimizer steps, on CPU, nothing saved, evaluated or logged while training."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(workdir / "baseline-out"),
+        per_device_train_batch_size=hp["batch_size"],
+        learning_rate=hp["lr"],
+        num_train_epochs=epochs,
+        warmup_steps=int(hp["warmup_ratio"] * steps),
+        weight_decay=hp["weight_decay"],
+        seed=hp["seed"],
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+def timed_train(trainer: Any) -> float:
+    """Train a Hugging Face ``Trainer``; the seconds it took (its own ``train_runtime``)."""
+    start = time.perf_counter()
+    out = trainer.train()
+    seconds: float = out.metrics.get("train_runtime", time.perf_counter() - start)
+    return seconds
 
 
 def train_ours(manifest: dict[str, Any], workdir: Path) -> tuple[Any, dict[str, float]]:

@@ -7,7 +7,7 @@ project's CRD:
   the operator does for run 1 of it: the output claims in S3 (read the owner record and the runs
   under the prefix, claim the prefix and run 1 with conditional writes, :mod:`tuneloop.ownership`;
   S3 is moto's server in a process of its own), then the ConfigMap and the pod from
-  :func:`tuneloop_operator.render.render_run` (owner = the created job object, after
+  :func:`tuneloop_operator.render.render_attempt` (owner = the created job object, after
   :func:`tuneloop_operator.planner.parse_job` validates it as the operator does), through
   :class:`tuneloop_operator.kube.KubeClient` (the ``kubernetes`` client's connection handling,
   16 worker threads, the operator's client), 16 jobs in flight;
@@ -68,8 +68,6 @@ sys.path[:0] = SOURCES
 NAMESPACE = "default"
 #: The trainer image OperatorProcess configures; the baseline renders with the same.
 IMAGE = "ghcr.io/tuneloop/trainer:test"
-#: The operator's default trainer metrics port (TUNELOOP_TRAINER_METRICS_PORT).
-TRAINER_METRICS_PORT = 9400
 DRIVER_AGENT = "tuneloop-bench-driver"
 JOB_NAME = re.compile(r"scale-\d{5}")
 TARGET_RATIO = 3.0
@@ -91,6 +89,8 @@ DATASETS = 10
 def job_manifest(i: int, prometheus_url: str | None = None) -> dict[str, Any]:
     """A valid FineTuneJob that trains on CPU (``resources.gpus: 0``), watching its dataset for new
     rows every minute and, with ``prometheus_url``, a drift query of its own every minute."""
+    from tuneloop_trainer import example
+
     retrain: dict[str, Any] = {
         "onNewData": {"minNewSamples": 100, "pollInterval": "1m", "settlePeriod": "30s"},
     }
@@ -104,19 +104,15 @@ def job_manifest(i: int, prometheus_url: str | None = None) -> dict[str, Any]:
                 "pollInterval": "1m",
             }
         }
-    return {
-        "apiVersion": "tuneloop.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": job_name(i), "namespace": NAMESPACE},
-        "spec": {
-            "task": "sequence-classification",
-            "model": {"uri": "hf://org/model"},
-            "dataset": {"uri": f"s3://data-bucket/train-{i % DATASETS}/"},
-            "output": {"uri": f"s3://model-bucket/out-{i}/"},
-            "resources": {"gpus": 0},
-            "retrain": retrain,
-        },
-    }
+    return example.job_manifest(
+        job_name(i),
+        namespace=NAMESPACE,
+        task="sequence-classification",
+        model_uri="hf://org/model",
+        dataset={"uri": f"s3://data-bucket/train-{i % DATASETS}/"},
+        output={"uri": f"s3://model-bucket/out-{i}/"},
+        retrain=retrain,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -150,7 +146,7 @@ async def drive(arm: str, kubeconfig: Path, jobs: int, concurrency: int) -> dict
     from tuneloop.ownership import JobIdentity, claim_output, claim_run, highest_run, read_owner
     from tuneloop.storage import Storage
     from tuneloop_operator.planner import owner_of, parse_job
-    from tuneloop_operator.render import render_run
+    from tuneloop_operator.render import render_attempt
 
     kube = driver_client(kubeconfig)
     limit = asyncio.Semaphore(concurrency)
@@ -181,7 +177,7 @@ async def drive(arm: str, kubeconfig: Path, jobs: int, concurrency: int) -> dict
             job, problems = parse_job(body or {})
             assert job is not None, problems
             await asyncio.to_thread(claim, job, body or {})
-            objects = render_run(job, 1, 1, image=IMAGE, owner=owner_of(body or {}), metrics_port=TRAINER_METRICS_PORT)
+            objects = render_attempt(job, 1, 1, image=IMAGE, owner=owner_of(body or {}))
             for obj in objects:
                 await kube.create(obj)
 

@@ -2,7 +2,7 @@
 
 Each broken variant names the field path both the pydantic models and the CRD (OpenAPI
 schema + CEL, as the API server applies them) must report, or says that only the
-models catch it (rules documented in ``tuneloop.crd.OPERATOR_ONLY_RULES``).
+models catch it (rules documented in ``tuneloop.cel.OPERATOR_ONLY_RULES``).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ BROKEN: list[Broken] = [
         _set("spec.promotion.gates", [{"metric": "f1", "min": 0.9, "max": 0.8}]),
         "spec.promotion.gates[0].min",
     ),
-    # Only the models catch these (see tuneloop.crd.OPERATOR_ONLY_RULES and the cron note).
+    # Only the models catch these (see tuneloop.cel.OPERATOR_ONLY_RULES and the cron note).
     Broken(
         "gate on a metric not computed",
         _set("spec.promotion.gates", [{"metric": "rougeL", "min": 0.3}]),

@@ -1,17 +1,14 @@
 """Render ``docs/api.md``, the FineTuneJob API reference, from the CRD's schema.
 
-Generated from the same schema as the CRD, so the reference, ``kubectl explain`` and the
-models cannot disagree.
+Generated from the same schema as the CRD (:mod:`tuneloop.openapi`) and the same CEL rules
+(:mod:`tuneloop.cel`), so the reference, ``kubectl explain`` and the models cannot disagree.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from tuneloop.api import API_VERSION, KIND
-from tuneloop.crd import CEL_RULES, OPERATOR_ONLY_RULES, openapi_schema
-
-Schema = dict[str, Any]
+from tuneloop.cel import CEL_RULES, OPERATOR_ONLY_RULES
+from tuneloop.openapi import Schema, openapi_schema
 
 
 def _type_of(node: Schema) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field
 
-from tuneloop.api.status import CheckpointRef, Progress
+from tuneloop.api.status import CheckpointRef, Progress, TrainingProgress
 from tuneloop.api.types import ApiModel
 
 if TYPE_CHECKING:
@@ -120,6 +121,9 @@ def _digest(wire: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_CHECKPOINT_FOLDER: Final = re.compile(r"^step-(\d{8,})$")
+
+
 class Layout:
     """Object names under ``spec.output.uri`` (relative keys, '/'-separated)."""
 
@@ -149,9 +153,24 @@ class Layout:
 
     @classmethod
     def checkpoint(cls, run: int, step: int) -> str:
+        return f"{cls.checkpoints(run)}/{cls.checkpoint_folder(step)}"
+
+    @staticmethod
+    def checkpoint_folder(step: int) -> str:
+        """A checkpoint's folder under :meth:`checkpoints`: ``step-00000042`` (names sort by step)."""
         if step < 0:
             raise ValueError(f"steps are non-negative, got {step}")
-        return f"{cls.checkpoints(run)}/step-{step:08d}"
+        return f"step-{step:08d}"
+
+    @staticmethod
+    def checkpoint_step(folder: str) -> int | None:
+        """The step of a folder named by :meth:`checkpoint_folder`; ``None`` for any other name."""
+        match = _CHECKPOINT_FOLDER.match(folder)
+        return int(match.group(1)) if match else None
+
+    CHECKPOINT_MANIFEST: Final = "manifest.json"
+    """Written last into a checkpoint's folder (its files, sizes and SHA-256): a folder without it
+    holds no complete checkpoint."""
 
     @classmethod
     def model(cls, run: int) -> str:
@@ -185,12 +204,13 @@ class Layout:
     """The lineage, append-only: one record per finished run (status keeps only the latest)."""
 
 
-class Heartbeat(ApiModel):
+class Heartbeat(TrainingProgress):
     """What the trainer writes to ``runs/<n>/status.json`` (:meth:`Layout.status`) while it runs.
 
-    camelCase on the wire, with Kubeflow Trainer's progress field names. Numbers that are not
-    finite (a diverged loss) are written as ``null``. Unknown fields are ignored, not refused, so
-    an operator can read the heartbeat of a newer trainer during an upgrade.
+    camelCase on the wire, with Kubeflow Trainer's progress field names (the fields of
+    :class:`~tuneloop.api.status.TrainingProgress`, which the job status' progress has too). Numbers
+    that are not finite (a diverged loss) are written as ``null``. Unknown fields are ignored, not
+    refused, so an operator can read the heartbeat of a newer trainer during an upgrade.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -203,20 +223,6 @@ class Heartbeat(ApiModel):
     earlier job of the same name, say) is never shown as this job's progress."""
     phase: Annotated[str, Field(max_length=64)] = ""
     """The trainer's current phase (``validating``, ``training``, ``evaluating``, ``uploading``...)."""
-    step: Annotated[int, Field(ge=0)] = 0
-    """Optimizer steps done."""
-    total_steps: Annotated[int, Field(ge=0)] | None = None
-    """Optimizer steps planned."""
-    epoch: Annotated[float, Field(ge=0)] = 0.0
-    """Fractional epoch."""
-    progress_percentage: Annotated[int, Field(ge=0, le=100)] | None = None
-    """Percent of planned steps done."""
-    estimated_remaining_seconds: Annotated[int, Field(ge=0)] | None = None
-    """Estimated seconds to the end of training."""
-    loss: float | None = None
-    """Latest training loss (``null`` when not finite)."""
-    tokens_per_second: Annotated[float, Field(ge=0)] | None = None
-    """Training throughput in non-padding tokens per second."""
     metrics: dict[str, float | None] = Field(default_factory=dict)
     """Latest evaluation metrics by name (``validation``, then ``test`` once it ran); ``null`` when
     not finite."""
@@ -230,17 +236,20 @@ class Heartbeat(ApiModel):
     """The trainer's latest message."""
 
     def progress(self) -> Progress:
-        """The heartbeat as the job status' ``progress`` (metrics that are ``null`` left out)."""
-        return Progress(
-            step=self.step,
-            total_steps=self.total_steps,
-            epoch=round(self.epoch, 3),
-            progress_percentage=self.progress_percentage,
-            estimated_remaining_seconds=self.estimated_remaining_seconds,
-            loss=_significant(self.loss, 4),
-            tokens_per_second=None if self.tokens_per_second is None else round(self.tokens_per_second, 1),
-            metrics={k: v for k, v in ((k, _significant(v, 6)) for k, v in self.metrics.items()) if v is not None},
-            last_updated_time=self.last_updated_time,
+        """The heartbeat as the job status' ``progress`` (metrics that are ``null`` left out), its
+        numbers rounded to what ``kubectl get`` should show."""
+        shared = self.model_dump(include=set(TrainingProgress.model_fields))
+        return Progress.model_validate(
+            {
+                **shared,
+                "epoch": round(self.epoch, 3),
+                "loss": _significant(self.loss, 4),
+                "tokens_per_second": None if self.tokens_per_second is None else round(self.tokens_per_second, 1),
+                "metrics": {
+                    k: v for k, v in ((k, _significant(v, 6)) for k, v in self.metrics.items()) if v is not None
+                },
+                "last_updated_time": self.last_updated_time,
+            }
         )
 
 

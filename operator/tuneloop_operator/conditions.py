@@ -13,6 +13,7 @@ from typing import Any
 
 from tuneloop.api import Condition, ConditionType, derive_phase
 from tuneloop.api.status import ConditionStatus, FineTuneJobStatus, Phase
+from tuneloop.text import clip
 
 #: Kubernetes caps condition messages at 32 KiB; keep them readable in `kubectl describe`.
 MAX_MESSAGE = 1024
@@ -35,8 +36,7 @@ def set_condition(
     """A new list with the condition of ``type_`` set; other conditions are kept in order."""
     if type_ not in ConditionType.ALL:
         raise ValueError(f"unknown condition type {type_!r}")
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 1] + "…"
+    message = clip(message, MAX_MESSAGE)
     out: list[Condition] = []
     found = False
     for cond in conditions:

@@ -17,7 +17,6 @@ import socket
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote, urlencode
@@ -26,6 +25,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from tuneloop.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from tuneloop_operator.planner.types import Event
 from tuneloop_operator.render import LABEL_JOB
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ def _retry_after(headers: Any, status: Any) -> float | None:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    type: str
-    reason: str
-    message: str
 
 
 class KubeClient:
@@ -198,7 +191,7 @@ class KubeClient:
         out.update({k: str(v) for k, v in (secret.get("stringData") or {}).items()})
         return out
 
-    async def post_event(self, body: Mapping[str, Any], event: EventSpec) -> None:
+    async def post_event(self, body: Mapping[str, Any], event: Event) -> None:
         """A core/v1 Event about the job (what ``kubectl describe`` shows)."""
         meta = body.get("metadata") or {}
         namespace = str(meta.get("namespace"))

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tuneloop.api.status import FineTuneJobStatus, Phase
+from tuneloop_operator.planner import Plan
 
 PHASES: Final[tuple[Phase, ...]] = get_args(Phase)
 #: Phases in which the job's trainer is expected to write heartbeats.
@@ -274,6 +275,43 @@ class OperatorMetrics:
             ["resource"],
             registry=r,
         )
+
+    def record_plan(self, namespace: str, name: str, plan: Plan) -> None:
+        """Count what a reconcile of the job carried out: its phase and series, the runs it
+        started and finished, the triggers, promotions, retries and preemptions."""
+        status = plan.status
+        self.jobs.set(namespace, name, status.phase)
+        self.job_series.set(namespace, name, status)
+        current = status.current_run
+        if plan.started_run is not None and current is not None:
+            self.runs_started.labels(trigger=current.trigger).inc()
+        if plan.finished is not None:
+            result, reason = plan.finished
+            # The finished run's record is the newest of status.runs (a Replace may already have started the next).
+            record = status.runs[-1] if status.runs else None
+            trigger: str = (
+                record.trigger if record is not None else current.trigger if current is not None else "Created"
+            )
+            self.runs_finished.labels(trigger=trigger, result=result).inc()
+            if result == "Succeeded":
+                self.runs_succeeded.inc()
+            else:
+                self.runs_failed.labels(reason=reason).inc()
+        for trigger, outcome in plan.trigger_counts:
+            self.triggers.labels(trigger=trigger, outcome=outcome).inc()
+            if outcome in SUPPRESSED_OUTCOMES:
+                self.job_series.suppressed(namespace, name, trigger)
+        for decision in plan.promotions:
+            self.promotions.labels(decision=decision).inc()
+        if plan.retried:
+            self.retries.inc()
+        if plan.preempted:
+            self.preemptions.inc()
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop the job's series (it was deleted)."""
+        self.jobs.forget(namespace, name)
+        self.job_series.forget(namespace, name)
 
     def watch_data(self, stats: Any) -> None:
         """Export a DataWatch's counters (``tuneloop_operator_dataset_*``) from its own stats:

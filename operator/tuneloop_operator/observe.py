@@ -27,10 +27,9 @@ from tuneloop_operator.metrics import OperatorMetrics
 from tuneloop_operator.outputs import OutputAccess, StorageAccessError
 from tuneloop_operator.planner import Observed, parse_status
 from tuneloop_operator.triggers import DataObservation, DriftObservation, Observations, RowObservation
+from tuneloop_operator.workqueue import Key
 
 log = logging.getLogger(__name__)
-
-Key = tuple[str, str]
 #: Bytes of new objects read at most to count their rows, per count (beyond: "at least N rows",
 #: which is enough to pass minNewSamples; measured: JSON lines ~1 GB/s, CSV ~110 MB/s).
 ROW_COUNT_LIMIT_BYTES: Final = 256 * 1024**2

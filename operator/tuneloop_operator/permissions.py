@@ -71,7 +71,7 @@ RULES: Final[tuple[Rule, ...]] = (
 NAMESPACED_RULES: Final[tuple[Rule, ...]] = tuple(rule for rule in RULES if not rule.cluster_scoped)
 
 #: What the operator still needs cluster-wide in the namespaced mode: nothing. With the
-#: namespaces listed it neither scans namespaces nor watches CRDs (``handlers.configure``), and
+#: namespaces listed it neither scans namespaces nor watches CRDs (``kopfsetup.configure``), and
 #: every other call it makes is namespaced.
 CLUSTER_RULES_WHEN_NAMESPACED: Final[tuple[Rule, ...]] = ()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -47,7 +48,8 @@ WORK_DIR: Final = f"{SCRATCH_DIR}/work"
 CACHE_DIR: Final = f"{SCRATCH_DIR}/cache"
 HF_HOME: Final = f"{SCRATCH_DIR}/hf"
 CONTAINER_NAME: Final = "trainer"
-DEFAULT_METRICS_PORT: Final = 9400
+#: Port of the trainer's Prometheus endpoint (the default of ``TUNELOOP_TRAINER_METRICS_PORT``).
+TRAINER_METRICS_PORT: Final = 9400
 #: torch.distributed rendezvous port on pod 0.
 MASTER_PORT: Final = 29500
 #: UID/GID of the trainer; the image's user (non-root, see trainer_image/Dockerfile).
@@ -380,7 +382,7 @@ def render_pod(
     *,
     image: str,
     owner: dict[str, Any],
-    metrics_port: int = DEFAULT_METRICS_PORT,
+    metrics_port: int = TRAINER_METRICS_PORT,
     defaults: TrainerDefaults = NO_DEFAULTS,
 ) -> Manifest:
     """The trainer pod of ``node_rank`` for an attempt of a run.
@@ -481,19 +483,25 @@ def render_pod(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
 
-def render_run(
+def render_attempt(
     job: FineTuneJob,
     run: int,
     attempt: int,
     *,
     image: str,
     owner: dict[str, Any],
-    metrics_port: int = DEFAULT_METRICS_PORT,
+    metrics_port: int = TRAINER_METRICS_PORT,
     defaults: TrainerDefaults = NO_DEFAULTS,
+    existing: Container[tuple[str, str]] = (),
 ) -> list[Manifest]:
-    """Every object of an attempt, in creation order: ConfigMap, Service (multi-node), pods."""
-    objects = [render_config_map(job, run, owner)]
-    if job.spec.resources.nodes > 1:
+    """Every object of an attempt, in creation order: the run's ConfigMap, its Service
+    (multi-node), the attempt's pods. The run's objects named in ``existing`` (``(kind, name)``:
+    made for an earlier attempt) are left out."""
+    child = names(job.metadata.name, run, attempt)
+    objects: list[Manifest] = []
+    if ("ConfigMap", child.config_map) not in existing:
+        objects.append(render_config_map(job, run, owner))
+    if job.spec.resources.nodes > 1 and ("Service", child.service) not in existing:
         objects.append(render_service(job, run, owner))
     objects += [
         render_pod(job, run, attempt, rank, image=image, owner=owner, metrics_port=metrics_port, defaults=defaults)

@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from tuneloop.api.spec import Storage
 from tuneloop.api.types import LabelName, ObjectName
-from tuneloop_operator.render import TrainerDefaults
+from tuneloop_operator.render import TRAINER_METRICS_PORT, TrainerDefaults
 
 DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/tuneloop/trainer:0.1.0"
 
@@ -89,7 +89,9 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class OperatorSettings:
-    """What the operator is configured with."""
+    """What the operator is configured with: each field's default and meaning are defined here
+    once; the planner reads its knobs (trainer image, backoff, preemption, stuck pods, trainer
+    metrics port, platform defaults) from this object as it is."""
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     """``TUNELOOP_TRAINER_IMAGE``: trainer image for jobs that do not name one."""
@@ -113,7 +115,7 @@ class OperatorSettings:
     stuck_terminating_seconds: float = 300.0
     """``TUNELOOP_STUCK_TERMINATING_SECONDS``: how long past its grace period a deleted pod may
     still be terminating before the next attempt stops waiting for it (its node is taken as lost)."""
-    trainer_metrics_port: int = 9400
+    trainer_metrics_port: int = TRAINER_METRICS_PORT
     """``TUNELOOP_TRAINER_METRICS_PORT``: the port trainer pods export metrics on."""
     watch_timeout: float = 300.0
     """``TUNELOOP_WATCH_TIMEOUT``: seconds before a watch is reopened even if it seems alive."""
@@ -148,23 +150,25 @@ class OperatorSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = os.environ if env is None else env
         namespaces = _namespaces(env)
-        preemptions = _number(env, "TUNELOOP_MAX_PREEMPTIONS", 20)
+        preemptions = _number(env, "TUNELOOP_MAX_PREEMPTIONS", cls.max_preemptions)
         if preemptions != int(preemptions):
             raise SettingsError("TUNELOOP_MAX_PREEMPTIONS must be a whole number")
         return cls(
             trainer_image=env.get("TUNELOOP_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
             namespaces=namespaces,
-            metrics_port=_port(env, "TUNELOOP_METRICS_PORT", 8080),
-            health_port=_port(env, "TUNELOOP_HEALTH_PORT", 8081),
-            reconcile_interval=_number(env, "TUNELOOP_RECONCILE_INTERVAL", 30.0, minimum=0.1),
-            backoff_base_seconds=_number(env, "TUNELOOP_BACKOFF_BASE_SECONDS", 10.0),
-            backoff_max_seconds=_number(env, "TUNELOOP_BACKOFF_MAX_SECONDS", 360.0),
+            metrics_port=_port(env, "TUNELOOP_METRICS_PORT", cls.metrics_port),
+            health_port=_port(env, "TUNELOOP_HEALTH_PORT", cls.health_port),
+            reconcile_interval=_number(env, "TUNELOOP_RECONCILE_INTERVAL", cls.reconcile_interval, minimum=0.1),
+            backoff_base_seconds=_number(env, "TUNELOOP_BACKOFF_BASE_SECONDS", cls.backoff_base_seconds),
+            backoff_max_seconds=_number(env, "TUNELOOP_BACKOFF_MAX_SECONDS", cls.backoff_max_seconds),
             max_preemptions=int(preemptions),
-            stuck_terminating_seconds=_number(env, "TUNELOOP_STUCK_TERMINATING_SECONDS", 300.0),
-            trainer_metrics_port=_port(env, "TUNELOOP_TRAINER_METRICS_PORT", 9400),
-            watch_timeout=_number(env, "TUNELOOP_WATCH_TIMEOUT", 300.0, minimum=1.0),
-            watch_inactivity_timeout=_number(env, "TUNELOOP_WATCH_INACTIVITY_TIMEOUT", 70.0, minimum=1.0),
-            log_level=env.get("TUNELOOP_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+            stuck_terminating_seconds=_number(env, "TUNELOOP_STUCK_TERMINATING_SECONDS", cls.stuck_terminating_seconds),
+            trainer_metrics_port=_port(env, "TUNELOOP_TRAINER_METRICS_PORT", cls.trainer_metrics_port),
+            watch_timeout=_number(env, "TUNELOOP_WATCH_TIMEOUT", cls.watch_timeout, minimum=1.0),
+            watch_inactivity_timeout=_number(
+                env, "TUNELOOP_WATCH_INACTIVITY_TIMEOUT", cls.watch_inactivity_timeout, minimum=1.0
+            ),
+            log_level=env.get("TUNELOOP_LOG_LEVEL", cls.log_level).strip().upper() or cls.log_level,
             default_s3_endpoint=_endpoint(env, "TUNELOOP_DEFAULT_S3_ENDPOINT"),
             default_s3_region=_optional(env, "TUNELOOP_DEFAULT_S3_REGION", _REGION, "an S3 region name"),
             default_storage_secret=_optional(

@@ -36,7 +36,7 @@ from tests.harness.prometheus import (
     prometheus_binary,
 )
 from tests.harness.s3 import S3Harness
-from tests.integration.test_trainer import rows_for, write_jsonl
+from tests.harness.trainer_jobs import rows_for, write_jsonl
 from tests.unit.test_promql_checks import DASHBOARD, dashboard_expressions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -22,7 +22,7 @@ from tests.harness.k8s_fixtures import K8sApi
 from tests.harness.kubelet import LocalKubelet
 from tests.harness.operator import OperatorProcess
 from tests.harness.s3 import S3Harness
-from tests.integration.test_trainer import rows_for, write_jsonl
+from tests.harness.trainer_jobs import rows_for, write_jsonl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

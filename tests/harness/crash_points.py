@@ -1,7 +1,7 @@
 """Crash points of the planner's executor, explored exhaustively (Sieve-style) on the simulated
 cluster of ``tests/unit/operator/planner_helpers.py``.
 
-The executor (:meth:`tuneloop_operator.handlers.Runtime._execute`) carries a plan out as a
+The executor (:meth:`tuneloop_operator.executor.PlanExecutor.execute`) carries a plan out as a
 sequence of writes: the output claim, the lineage writes (listing, ``promoted.json``, index),
 each delete, each create, the status patch, the events. An operator that dies mid-reconcile has
 made the first ``k`` of them and nothing after: a status patch not sent is lost, the operator's

@@ -59,8 +59,8 @@ def note(**event):
 
 mib = os.environ.get("TUNELOOP_TEST_MULTIPART_MIB")
 if mib:
-    import tuneloop.storage as storage
-    storage.DEFAULT_MULTIPART_THRESHOLD = storage.DEFAULT_MULTIPART_CHUNKSIZE = int(mib) * storage.MiB
+    from tuneloop.storage import localfiles, s3_config
+    s3_config.DEFAULT_MULTIPART_THRESHOLD = s3_config.DEFAULT_MULTIPART_CHUNKSIZE = int(mib) * localfiles.MiB
 
 from tuneloop_trainer import checkpoints, progress
 step, save = progress.Sinks.step, checkpoints.CheckpointManager.save

@@ -16,7 +16,8 @@ from tests.manifests import minimal_job
 from tuneloop.api import FineTuneJob
 from tuneloop.contract import Heartbeat, Layout
 from tuneloop_operator.heartbeat import HeartbeatError, HeartbeatReader
-from tuneloop_operator.kube import ApiError, EventSpec, KubeClient
+from tuneloop_operator.kube import ApiError, KubeClient
+from tuneloop_operator.planner import Event
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +70,7 @@ def test_events_point_at_the_job_and_secrets_decode(k8s_api: K8sApi, kube: KubeC
         "kind": "FineTuneJob",
         "metadata": {"name": "j", "namespace": "default", "uid": "u-1"},
     }
-    run(kube.post_event(body, EventSpec("Warning", "Retrying", "run 1 retries")))
+    run(kube.post_event(body, Event("Warning", "Retrying", "run 1 retries")))
     (event,) = k8s_api.list("v1", "Event", "default")
     assert event["involvedObject"]["name"] == "j" and event["involvedObject"]["uid"] == "u-1"
     assert (event["type"], event["reason"], event["message"]) == ("Warning", "Retrying", "run 1 retries")

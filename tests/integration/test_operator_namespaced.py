@@ -14,7 +14,7 @@ from tests.harness.k8s import parse_api_path
 from tests.harness.k8s_fixtures import K8sApi
 from tests.harness.operator import OperatorProcess
 from tests.manifests import minimal_job
-from tuneloop_operator.handlers import FINALIZER
+from tuneloop_operator.kopfsetup import FINALIZER
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_trainer import FAMILY, manifest, rows_for, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import FAMILY, manifest, rows_for, run_recipe, write_jsonl
 from tuneloop.api import FineTuneJob
 from tuneloop_trainer.models import load_trained_model, resolve_model
 

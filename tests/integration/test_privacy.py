@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_trainer import manifest, rows_for, run_job, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import run_job, run_recipe, tiny_job
 from tuneloop.contract import ExitCode
 
 pytestmark = pytest.mark.integration
@@ -30,12 +30,11 @@ def independent_epsilon(noise: float, sample_rate: float, steps: int, delta: flo
 
 
 def classification(tmp_path: Path, tiny_model_dir, **spec) -> dict:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=ROWS))
-    return manifest(
+    return tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        n=ROWS,
         method={"type": "full"},
         **{
             **spec,
@@ -79,12 +78,11 @@ def test_dp_run_on_a_pretrained_encoder_learns_the_signal(tmp_path) -> None:
     all-MiniLM-L6-v2, batch 64, 8 epochs: about 30 s on 2 CPU cores."""
     from tuneloop_trainer.example import minilm_path
 
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=600))
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         minilm_path(),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        n=600,
         method={"type": "lora", "lora": {"r": 4}},
         hyperparameters={"epochs": 8, "learningRate": 1e-2, "batchSize": 64, "maxSeqLength": 48},
         privacy={"targetEpsilon": 8, "maxGradNorm": 1.0},
@@ -121,13 +119,12 @@ def test_early_stopping_spends_less_than_the_target(tiny_model_dir, tmp_path) ->
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_dp_trains_decoders_with_lora_and_full_fine_tuning(tiny_model_dir, tmp_path, method: str) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "prompt", n=60))
-    m = manifest(
+    m = tiny_job(
         "causal-lm",
         tiny_model_dir("gpt2", base_only=True),
-        data,
-        tmp_path / "out",
-        layout="prompt",
+        tmp_path,
+        "prompt",
+        n=60,
         method={"type": method},
         hyperparameters={"epochs": 1},
         privacy={"targetEpsilon": 3},

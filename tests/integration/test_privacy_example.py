@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.integration.test_trainer import run_recipe
+from tests.harness.trainer_jobs import run_recipe
 from tuneloop_trainer.example import write_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

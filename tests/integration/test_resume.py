@@ -7,18 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.integration.test_trainer import manifest, rows_for, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import heartbeat_step, job_file, manifest, rows_for, run_recipe, wait_for, write_jsonl
 from tests.manifests import ROOT
-from tuneloop.api import FineTuneJob
-from tuneloop_trainer.progress import Sinks, StepReport
-from tuneloop_trainer.recipe import FineTuneRecipe, RunContext
+from tuneloop_trainer.progress import StepReport
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +54,7 @@ class CrashAt:
 
 
 def run_with(m: dict[str, Any], work: Path, sink: CrashAt):
-    j = FineTuneJob.from_manifest(m)
-    ctx = RunContext(
-        job=j, run=1, output_uri=j.spec.output.uri, work_dir=work, sinks=Sinks([sink]), cache_dir=work / "cache"
-    )
-    return FineTuneRecipe(ctx).run()
+    return run_recipe(m, work, sink, work_dir=work)
 
 
 def test_crash_then_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path) -> None:
@@ -98,35 +90,18 @@ def start(job_path: Path, delay: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def manifests(out: Path) -> list[Path]:
     return sorted((out / "runs" / "1" / "checkpoints").glob("step-*/manifest.json"))
-
-
-def heartbeat_step(out: Path) -> int:
-    try:
-        return int(json.loads((out / "runs/1/status.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_process_resumes_to_the_same_end(tiny_model_dir, tmp_path, sig) -> None:
     out = tmp_path / "out"
     m = job(tiny_model_dir, tmp_path, out)
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(m))
+    job_path = job_file(tmp_path, m)
     proc = start(job_path, "0.3")
     try:
-        wait_for(lambda: manifests(out) and heartbeat_step(out) >= 5)
+        wait_for(lambda: manifests(out) and heartbeat_step(out) >= 5, timeout=120)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
     finally:

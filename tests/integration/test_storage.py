@@ -28,16 +28,17 @@ from tuneloop import __version__
 from tuneloop.api.spec import Storage as StorageSettings
 from tuneloop.storage import (
     ABORT_INCOMPLETE_MULTIPART_UPLOADS_RULE,
-    NO_CREDENTIALS_MESSAGE,
     FileStorage,
     NotFoundError,
     S3Storage,
     Storage,
     StorageError,
     UnsafeKeyError,
-    _verify,
     sha256_file,
 )
+from tuneloop.storage.localfiles import _verify
+from tuneloop.storage.s3_errors import NO_CREDENTIALS_MESSAGE
+from tuneloop.storage.s3_integrity import _verification
 
 pytestmark = pytest.mark.integration
 
@@ -410,7 +411,7 @@ def test_s3_native_checksums_verify_downloads(s3: S3Harness, s3_storage: S3Stora
     data = os.urandom(4096)
     s3.client.put_object(Bucket=s3.bucket, Key="ext/data.bin", Body=data, ChecksumAlgorithm="SHA256")
     head = s3_storage._head(s3.uri("ext/data.bin"))
-    check = s3_storage._verification(head, None)
+    check = _verification(head, None)
     assert check.sha256 == (("S3's SHA-256 checksum", hashlib.sha256(data).hexdigest()),)
     s3_storage.download_file(s3.uri("ext/data.bin"), tmp_path / "ok.bin")
     assert (tmp_path / "ok.bin").read_bytes() == data
@@ -437,7 +438,7 @@ def test_multipart_objects_from_other_tools_are_not_checked_against_composite_ch
     s3.client.upload_file(
         str(src), s3.bucket, "ext/big.bin", ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=SMALL_PARTS
     )
-    check = s3_storage._verification(s3_storage._head(s3.uri("ext/big.bin")), None)
+    check = _verification(s3_storage._head(s3.uri("ext/big.bin")), None)
     assert check.sha256 == ()  # a checksum of part checksums is not a SHA-256 of the content
     s3_storage.download_file(s3.uri("ext/big.bin"), tmp_path / "back.bin", expected_sha256=digest)
     assert sha256_file(tmp_path / "back.bin") == digest

@@ -23,16 +23,14 @@ from botocore.exceptions import ReadTimeoutError
 from botocore.retries.standard import ExponentialBackoff, RetryContext
 
 from tests.harness.s3 import S3Harness, isolate_aws_environment
-from tuneloop.storage import (
+from tuneloop.storage import S3Storage, StorageError, s3_request_time_bound
+from tuneloop.storage.s3_config import (
     DEFAULT_S3_CONNECT_TIMEOUT,
     DEFAULT_S3_MAX_ATTEMPTS,
     DEFAULT_S3_READ_TIMEOUT,
     S3_CONNECT_TIMEOUT_ENV,
     S3_MAX_ATTEMPTS_ENV,
     S3_READ_TIMEOUT_ENV,
-    S3Storage,
-    StorageError,
-    s3_request_time_bound,
 )
 
 pytestmark = pytest.mark.integration

@@ -4,107 +4,27 @@ load back, early stopping, gates, and the documented failures with their exit co
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
+from tests.harness.trainer_jobs import (
+    FAMILY,
+    job_file,
+    manifest,
+    rows_for,
+    run_cli,
+    run_job,
+    run_recipe,
+    tiny_job,
+    write_jsonl,
+)
 from tests.manifests import ROOT
-from tuneloop.api import FineTuneJob
 from tuneloop.contract import ExitCode
-from tuneloop_trainer.progress import Sinks
-from tuneloop_trainer.recipe import FineTuneRecipe, RunContext, RunResult
 
 pytestmark = pytest.mark.integration
-
-WORDS = (
-    "the cat sat on the mat and the dog ran in the park while a bird sang "
-    "good great fine happy bad sad poor awful day night river tree house"
-).split()
-
-
-def rows_for(task: str, layout: str, n: int = 80, seed: int = 0) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
-        positive = i % 2 == 0
-        words.insert(rng.randint(0, len(words)), "good" if positive else "bad")
-        text = " ".join(words) + f" {i}"
-        if task == "sequence-classification":
-            rows.append({"text": text, "label": "pos" if positive else "neg", "group": "a" if i % 3 else "b"})
-        elif task == "seq2seq":
-            rows.append({"source": text, "target": " ".join(words[:3])})
-        elif layout == "prompt":
-            rows.append({"prompt": f"Q: {text}\nA:", "completion": " yes" if positive else " no"})
-        elif layout == "messages":
-            rows.append(
-                {
-                    "messages": [
-                        {"role": "user", "content": text},
-                        {"role": "assistant", "content": "yes" if positive else "no"},
-                    ]
-                }
-            )
-        else:
-            rows.append({"text": text})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-FAMILY = {"sequence-classification": "bert", "causal-lm": "gpt2", "seq2seq": "t5"}
-
-
-def manifest(task: str, model_dir: Path, data: Path, out: Path, layout: str = "text", **spec: Any) -> dict[str, Any]:
-    columns = (
-        {
-            "prompt": {"prompt": "prompt", "completion": "completion"},
-            "messages": {"messages": "messages"},
-            "text": {},
-        }.get(layout, {})
-        if task == "causal-lm"
-        else {}
-    )
-    body: dict[str, Any] = {
-        "task": task,
-        "model": {"uri": f"file://{model_dir}"},
-        "dataset": {
-            "uri": f"file://{data}",
-            "columns": columns,
-            "split": {"validation": 0.15, "test": 0.15},
-            "screening": {"pii": "off"},
-        },
-        "hyperparameters": {"epochs": 2, "batchSize": 8, "maxSeqLength": 48, "learningRate": 5e-3, "seed": 1},
-        "output": {"uri": f"file://{out}/"},
-        "resources": {"gpus": 0},
-    }
-    for key, value in spec.items():
-        body[key] = value if not isinstance(value, dict) else {**body.get(key, {}), **value}
-    return {"apiVersion": "tuneloop.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "t"}, "spec": body}
-
-
-def run_recipe(m: dict[str, Any], tmp_path: Path) -> RunResult:
-    job = FineTuneJob.from_manifest(m)
-    ctx = RunContext(
-        job=job,
-        run=1,
-        output_uri=job.spec.output.uri,
-        work_dir=tmp_path / "work",
-        sinks=Sinks([]),
-        cache_dir=tmp_path / "cache",
-    )
-    return FineTuneRecipe(ctx).run()
-
 
 METHODS = ["full", "lora", "ia3", "prefix-tuning", "prompt-tuning"]
 CASES = (
@@ -167,10 +87,7 @@ def assert_model_loads(task: str, method: str, base_dir: Path, model_dir: Path) 
 def test_prefix_tuning_on_an_encoder_is_refused_at_setup(tiny_model_dir, tmp_path) -> None:
     from tuneloop_trainer.errors import UnsupportedModelError
 
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text"))
-    m = manifest(
-        "sequence-classification", tiny_model_dir("bert"), data, tmp_path / "out", method={"type": "prefix-tuning"}
-    )
+    m = tiny_job("sequence-classification", tiny_model_dir("bert"), tmp_path, method={"type": "prefix-tuning"})
     with pytest.raises(UnsupportedModelError, match="use prompt-tuning or lora"):
         run_recipe(m, tmp_path)
 
@@ -178,14 +95,8 @@ def test_prefix_tuning_on_an_encoder_is_refused_at_setup(tiny_model_dir, tmp_pat
 def test_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
-    m = manifest(
-        "causal-lm",
-        tiny_model_dir("gpt2"),
-        data,
-        tmp_path / "out",
-        output={"save": "merged"},
-        hyperparameters={"epochs": 1},
+    m = tiny_job(
+        "causal-lm", tiny_model_dir("gpt2"), tmp_path, output={"save": "merged"}, hyperparameters={"epochs": 1}
     )
     run_recipe(m, tmp_path)
     model_dir = tmp_path / "out" / "runs" / "1" / "model"
@@ -194,12 +105,11 @@ def test_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path) -> None:
 
 
 def test_classification_learns_the_signal(tiny_model_dir, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=200))
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        n=200,
         method={"type": "full"},
         hyperparameters={"epochs": 6, "learningRate": 3e-3},
     )
@@ -224,38 +134,11 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_model_dir, tmp_path) -> No
     assert result.best_step is not None and result.best_step < result.steps
 
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tuneloop", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False
-    )
-
-
-def run_job(
-    m: dict[str, Any], tmp_path: Path, *, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`tuneloop run job.yaml`, as a user types it (termination message to tmp_path/termination-log;
-    ``env`` adds to the environment)."""
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    env = {**os.environ, "TUNELOOP_TERMINATION_LOG": str(tmp_path / "termination-log"), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "tuneloop", "run", str(job)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-        env=env,
-    )
-
-
 def test_gate_failure_exits_13_and_still_writes_the_model(tiny_model_dir, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text"))
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        tmp_path / "out",
+        tmp_path,
         hyperparameters={"epochs": 1},
         promotion={"gates": [{"metric": "accuracy", "min": 1.01}]},
     )
@@ -285,8 +168,7 @@ def test_bad_data_exits_11_with_the_reason(tiny_model_dir, tmp_path) -> None:
 
 
 def test_model_that_does_not_fit_the_task_exits_12(tiny_model_dir, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
-    m = manifest("causal-lm", tiny_model_dir("bert"), data, tmp_path / "out")
+    m = tiny_job("causal-lm", tiny_model_dir("bert"), tmp_path)
     result = run_job(m, tmp_path)
     assert result.returncode == ExitCode.UNSUPPORTED_MODEL, result.stderr
     assert "encoder model (bert), which does not fit task causal-lm" in result.stderr
@@ -302,17 +184,15 @@ def test_invalid_manifest_is_refused_before_training(tmp_path) -> None:
 
 def test_two_processes_with_gloo_train_one_model(tiny_model_dir, tmp_path) -> None:
     """Data-parallel training through accelerate: two CPU processes, the gloo backend."""
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=120))
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        n=120,
         method={"type": "lora"},
         hyperparameters={"epochs": 1},
     )
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
+    job = job_file(tmp_path, m)
     import socket
 
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real port, not 0
@@ -384,21 +264,13 @@ def test_same_seed_same_result(tiny_model_dir, tmp_path) -> None:
 def test_unreadable_config_exits_10(tmp_path) -> None:
     bad = tmp_path / "job.json"
     bad.write_text("{not json")
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloop_trainer", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    result = run_cli(["--config", str(bad)], module="tuneloop_trainer", timeout=120)
     assert result.returncode == ExitCode.INVALID_CONFIG
     assert "cannot read the job config" in result.stderr
 
 
 def test_hub_model_missing_offline_exits_12(tmp_path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
-    m = manifest("causal-lm", Path("/unused"), data, tmp_path / "out")
+    m = tiny_job("causal-lm", Path("/unused"), tmp_path)
     m["spec"]["model"]["uri"] = "hf://no-such-org/no-such-model"
     result = run_job(m, tmp_path)
     assert result.returncode == ExitCode.UNSUPPORTED_MODEL, result.stderr[-2000:]

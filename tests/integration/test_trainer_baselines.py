@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.integration.test_trainer import manifest, rows_for, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, run_recipe, tiny_job, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -16,13 +16,12 @@ def test_gain_over_baseline_and_label_issues_reach_the_results(tiny_model_dir, t
     rows = rows_for("sequence-classification", "text", n=160)
     for i in range(0, 160, 20):  # plant label flips
         rows[i]["label"] = "neg" if rows[i]["label"] == "pos" else "pos"
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        out,
+        tmp_path,
+        rows=rows,
         dataset={"labelIssues": "drop"},
         earlyStopping={"metric": "f1", "patience": 5},
         hyperparameters={"epochs": 3},
@@ -71,12 +70,11 @@ def test_a_run_that_does_not_beat_the_baseline_fails_its_gate(tiny_model_dir, tm
 
 
 def test_generation_compares_with_the_untouched_base_model(tiny_model_dir, tmp_path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("seq2seq", "text", n=80))
-    m = manifest(
+    m = tiny_job(
         "seq2seq",
         tiny_model_dir("t5", base_only=True),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        n=80,
         hyperparameters={"epochs": 1},
         evaluation={"metrics": ["rouge"]},
         earlyStopping={"metric": "rougeL"},

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_trainer import WORDS, manifest, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import WORDS, manifest, run_recipe, tiny_job, write_jsonl
 from tuneloop.api import FineTuneJob
 from tuneloop_trainer.analysis import MAX_TEXT_CHARS, WORST_GENERATION, WORST_PER_CLASS
 from tuneloop_trainer.data import prepare_data
@@ -39,13 +39,12 @@ def classification_rows(n: int = 90) -> list[dict[str, Any]]:
 
 
 def test_classification_run_writes_error_analysis_and_augments_train_only(tiny_model_dir, tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", classification_rows())
     out = tmp_path / "out"
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        out,
+        tmp_path,
+        rows=classification_rows(),
         method={"type": "lora"},
         hyperparameters={"epochs": 1},
         evaluation={"fairness": {"groupColumn": "group", "metric": "accuracy", "maxGap": 1.0}, "slices": ["lang"]},

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from tests.harness.s3 import S3Harness
-from tests.integration.test_trainer import manifest, rows_for, write_jsonl
+from tests.harness.trainer_jobs import heartbeat_step, job_file, manifest, run_cli, tiny_job, wait_for, write_jsonl
 from tests.manifests import ROOT
 from tuneloop.contract import TERMINATION_MESSAGE_MAX_BYTES, ExitCode, Heartbeat
 from tuneloop.storage import Storage
@@ -55,11 +54,7 @@ FAILING_TRAINER = textwrap.dedent(
 
 
 def classification_job(tiny_model_dir, tmp_path: Path, **spec: Any) -> Path:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=96))
-    m = manifest("sequence-classification", tiny_model_dir("bert"), data, tmp_path / "out", **spec)
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    return job
+    return job_file(tmp_path, tiny_job("sequence-classification", tiny_model_dir("bert"), tmp_path, n=96, **spec))
 
 
 def run_failing(tmp_path: Path, exc: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -169,19 +164,10 @@ def test_missing_s3_credentials_exit_10_naming_the_uri(tiny_model_dir, tmp_path,
     s3.put_bytes("data/train.jsonl", b'{"text": "good", "label": "pos"}\n')
     m = manifest("sequence-classification", tiny_model_dir("bert"), tmp_path / "unused", tmp_path / "out")
     m["spec"]["dataset"]["uri"] = s3.uri("data/train.jsonl")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
+    job = job_file(tmp_path, m)
     env = {**os.environ, "AWS_ENDPOINT_URL_S3": s3.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
     env["TUNELOOP_TERMINATION_LOG"] = str(tmp_path / "termination-log")
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloop_trainer", "run", str(job)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    result = run_cli(["run", str(job)], module="tuneloop_trainer", env=env, timeout=300)
     assert result.returncode == ExitCode.INVALID_CONFIG, result.stderr[-2000:]
     assert s3.uri("data/train.jsonl") in last_line(result.stderr)
     assert "Traceback" not in result.stderr
@@ -205,18 +191,10 @@ def test_the_pod_entry_point_reports_a_crash_the_same_way(tiny_model_dir, tmp_pa
 
 def test_output_that_is_a_file_exits_10(tmp_path) -> None:
     m = manifest("sequence-classification", tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "out")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
+    job = job_file(tmp_path, m)
     target = tmp_path / "results.txt"
     target.write_text("keep me\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloop", "run", str(job), "--output", str(target)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
+    result = run_cli(["run", str(job), "--output", str(target)], timeout=300)
     assert result.returncode == ExitCode.INVALID_CONFIG, result.stderr[-2000:]
     assert f"{target} is a file, not a directory; pass a directory" in result.stderr
     assert target.read_text() == "keep me\n"
@@ -226,8 +204,7 @@ def test_output_uris_are_honoured(tiny_model_dir, tmp_path, s3: S3Harness) -> No
     """`--output s3://…` writes to the bucket (not to a local folder named `s3:`), `file://…` is a URI."""
     bad = write_jsonl(tmp_path / "d.jsonl", [{"review": "x", "label": 1}] * 5)  # exits 11 after the first heartbeat
     m = manifest("sequence-classification", tiny_model_dir("bert"), bad, tmp_path / "unused")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
+    job = job_file(tmp_path, m)
     for output in (s3.uri("results/"), f"file://{tmp_path}/local-results"):
         result = subprocess.run(
             [sys.executable, "-m", "tuneloop", "run", str(job), "--output", output],
@@ -247,15 +224,9 @@ def test_output_uris_are_honoured(tiny_model_dir, tmp_path, s3: S3Harness) -> No
 
 def test_output_uri_of_another_scheme_exits_10(tmp_path) -> None:
     m = manifest("sequence-classification", tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "out")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(m))
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloop_trainer", "run", str(job), "--output", "gs://bucket/x/"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-        check=False,
+    job = job_file(tmp_path, m)
+    result = run_cli(
+        ["run", str(job), "--output", "gs://bucket/x/"], module="tuneloop_trainer", cwd=tmp_path, timeout=300
     )
     assert result.returncode == ExitCode.INVALID_CONFIG
     assert "--output: scheme gs:// is not supported here" in result.stderr
@@ -263,22 +234,6 @@ def test_output_uri_of_another_scheme_exits_10(tmp_path) -> None:
 
 
 # --- stopping: SIGTERM, Ctrl-C ------------------------------------------------------------------
-
-
-def wait_for(condition, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
-def heartbeat_step(out: Path) -> int:
-    try:
-        return int(json.loads((out / "runs/1/status.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def children(pid: int) -> list[int]:
@@ -321,7 +276,7 @@ def test_stopping_tuneloop_run_stops_the_trainer_with_a_checkpoint(
     )
     trainers: list[int] = []
     try:
-        wait_for(lambda: heartbeat_step(out) >= 2)
+        wait_for(lambda: heartbeat_step(out) >= 2, timeout=180)
         trainers = children(cli.pid)
         assert trainers, "the trainer runs as a child of the CLI"
         if group:

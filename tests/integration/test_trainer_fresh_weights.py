@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tests.integration.test_trainer import manifest, rows_for, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, run_recipe, write_jsonl
 
 pytestmark = pytest.mark.integration
 

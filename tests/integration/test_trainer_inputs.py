@@ -14,19 +14,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration import test_trainer as trainer_tests
-from tests.integration.test_trainer import WORDS, manifest, rows_for, write_jsonl
-from tuneloop.api import FineTuneJob
+from tests.harness import trainer_jobs
+from tests.harness.trainer_jobs import WORDS, manifest, rows_for, tiny_job, write_jsonl
 from tuneloop.contract import ExitCode
-from tuneloop_trainer.progress import Sinks
-from tuneloop_trainer.recipe import FineTuneRecipe, RunContext, RunResult
+from tuneloop_trainer.recipe import RunResult
 
 pytestmark = pytest.mark.integration
 
 
 def run_job(m: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """`tuneloop run job.yaml` with its own cache (S3 downloads) and termination log under tmp_path."""
-    return trainer_tests.run_job(m, tmp_path, env={"TUNELOOP_CACHE_DIR": str(tmp_path / "cache")})
+    return trainer_jobs.run_job(m, tmp_path, env={"TUNELOOP_CACHE_DIR": str(tmp_path / "cache")})
 
 
 def assert_one_line_failure(result: Any, tmp_path: Path, code: ExitCode, reason: str) -> str:
@@ -57,8 +55,7 @@ def test_a_truncated_weights_file_exits_12_naming_the_file(tiny_model_dir, tmp_p
     shutil.copytree(tiny_model_dir("gpt2"), model_dir)
     weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
-    m = manifest("causal-lm", model_dir, data, tmp_path / "out")
+    m = tiny_job("causal-lm", model_dir, tmp_path)
     message = assert_one_line_failure(run_job(m, tmp_path), tmp_path, ExitCode.UNSUPPORTED_MODEL, "UnsupportedModel")
     assert "model.safetensors" in message and "truncated or corrupt" in message
 
@@ -78,8 +75,7 @@ def test_an_unsafe_key_in_the_dataset_prefix_exits_11_naming_the_key(tiny_model_
 def test_an_unsafe_key_in_the_model_prefix_exits_12_naming_the_key(tiny_model_dir, tmp_path: Path, s3) -> None:
     model_uri = s3.upload_dir(tiny_model_dir("gpt2"), "models/tiny/")
     s3.put_bytes("models/tiny/\\evil.json", b"{}")
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("causal-lm", "text"))
-    m = manifest("causal-lm", Path("/unused"), data, tmp_path / "out")
+    m = tiny_job("causal-lm", Path("/unused"), tmp_path)
     m["spec"]["model"]["uri"] = model_uri
     message = assert_one_line_failure(run_job(m, tmp_path), tmp_path, ExitCode.UNSUPPORTED_MODEL, "UnsupportedModel")
     assert "spec.model.uri" in message and "'\\\\evil.json'" in message and "backslash" in message
@@ -123,17 +119,8 @@ def long_rows(task: str, n: int = 40, words: int = 400) -> list[dict[str, Any]]:
 
 
 def run_collecting(m: dict[str, Any], tmp_path: Path) -> tuple[RunResult, Collect]:
-    job = FineTuneJob.from_manifest(m)
     sink = Collect()
-    ctx = RunContext(
-        job=job,
-        run=1,
-        output_uri=job.spec.output.uri,
-        work_dir=tmp_path / "work",
-        sinks=Sinks([sink]),
-        cache_dir=tmp_path / "cache",
-    )
-    return FineTuneRecipe(ctx).run(), sink
+    return trainer_jobs.run_recipe(m, tmp_path, sink), sink
 
 
 @pytest.mark.parametrize(
@@ -179,13 +166,12 @@ def test_generated_metrics_of_prompts_near_the_position_limit_do_not_crash(tiny_
         }
         for _ in range(24)
     ]
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    m = manifest(
+    m = tiny_job(
         "causal-lm",
         tiny_model_dir("gpt2"),
-        data,
-        tmp_path / "out",
+        tmp_path,
         "prompt",
+        rows=rows,
         method={"type": "lora"},
         hyperparameters={"epochs": 1, "maxSeqLength": 256, "batchSize": 4, "maxSteps": 2},
         evaluation={"metrics": ["rouge"]},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_trainer import manifest, rows_for, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, write_jsonl
 from tuneloop.api import FineTuneJob
 from tuneloop_trainer.optim import parameter_groups, peak_learning_rate
 from tuneloop_trainer.progress import ConsoleProgress, Sinks

@@ -15,21 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.integration.test_trainer import manifest, rows_for, write_jsonl
+from tests.harness.trainer_jobs import job_file, run_cli, tiny_job
 from tests.manifests import ROOT
 from tuneloop.contract import ExitCode, Layout
 from tuneloop.ownership import JobIdentity, claim_output, claim_run
 from tuneloop.storage import Storage
 
 pytestmark = pytest.mark.integration
-
-
-def job_file(tmp_path: Path, m: dict[str, Any], name: str = "job.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(m))
-    return path
 
 
 def tuneloop_run(job: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -50,12 +43,11 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 @pytest.fixture
 def classification(tiny_model_dir: Any, tmp_path: Path) -> dict[str, Any]:
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text", n=60))
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        n=60,
         method={"type": "lora"},
         hyperparameters={"epochs": 1},
     )
@@ -112,13 +104,9 @@ def test_a_pod_of_another_job_may_not_write_a_claimed_run(classification: dict[s
     config = tmp_path / "job.json"
     config.write_text(json.dumps(classification))
     termination = tmp_path / "termination-log"
-    result = subprocess.run(
-        [sys.executable, "-m", "tuneloop_trainer", "--config", str(config), "--run", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
+    result = run_cli(
+        ["--config", str(config), "--run", "1"],
+        module="tuneloop_trainer",
         env={**os.environ, "TUNELOOP_JOB_UID": "uid-2", "TUNELOOP_TERMINATION_LOG": str(termination)},
     )
     assert result.returncode == ExitCode.INVALID_CONFIG, result.stderr[-2000:]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_trainer import manifest, rows_for, run_job, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, run_job, tiny_job, write_jsonl
 from tuneloop.contract import ExitCode
 
 pytestmark = pytest.mark.integration
@@ -46,8 +46,7 @@ def hf_cache(tmp_path: Path, model_dir: Path, repo: str) -> Path:
 @pytest.mark.parametrize("pin", ["none", "revision", "at-suffix"])
 def test_hf_model_from_a_prefilled_offline_cache(tiny_model_dir, tmp_path, pin: str) -> None:
     home = hf_cache(tmp_path, tiny_model_dir("bert"), "tiny-org/tiny-bert")
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text"))
-    m = manifest("sequence-classification", Path("/unused"), data, tmp_path / "out", hyperparameters={"epochs": 1})
+    m = tiny_job("sequence-classification", Path("/unused"), tmp_path, hyperparameters={"epochs": 1})
     m["spec"]["model"] = {"uri": "hf://tiny-org/tiny-bert" + (f"@{COMMIT}" if pin == "at-suffix" else "")}
     if pin == "revision":
         m["spec"]["model"]["revision"] = COMMIT
@@ -60,8 +59,7 @@ def test_hf_model_from_a_prefilled_offline_cache(tiny_model_dir, tmp_path, pin: 
 
 def test_hf_model_at_a_wrong_revision_fails_clearly(tiny_model_dir, tmp_path) -> None:
     home = hf_cache(tmp_path, tiny_model_dir("bert"), "tiny-org/tiny-bert")
-    data = write_jsonl(tmp_path / "d.jsonl", rows_for("sequence-classification", "text"))
-    m = manifest("sequence-classification", Path("/unused"), data, tmp_path / "out")
+    m = tiny_job("sequence-classification", Path("/unused"), tmp_path)
     m["spec"]["model"] = {"uri": "hf://tiny-org/tiny-bert", "revision": "v9.9"}
     result = run_job(m, tmp_path, env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == ExitCode.UNSUPPORTED_MODEL, result.stderr[-3000:]
@@ -207,12 +205,11 @@ def test_length_report_and_truncation_warning(tiny_model_dir, tmp_path) -> None:
     rows = rows_for("sequence-classification", "text")
     for r in rows[::4]:  # a quarter of the rows are far past maxSeqLength
         r["text"] = r["text"] + " " + " ".join(["river tree house"] * 30)
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    m = manifest(
+    m = tiny_job(
         "sequence-classification",
         tiny_model_dir("bert"),
-        data,
-        tmp_path / "out",
+        tmp_path,
+        rows=rows,
         hyperparameters={"epochs": 1, "maxSeqLength": 32},
     )
     result = run_job(m, tmp_path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_trainer import manifest, rows_for, run_job, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, run_job, write_jsonl
 from tuneloop.api import FineTuneJob
 from tuneloop.contract import ExitCode, Layout, PromotedPointer
 from tuneloop_trainer.progress import Sinks
@@ -191,7 +191,7 @@ def test_the_candidate_leaves_memory_before_the_promoted_model_loads(tiny_model_
     import gc
     import weakref
 
-    import tuneloop_trainer.recipe as recipe_module
+    import tuneloop_trainer.recipe.promoted as promoted_module
 
     base = tiny_model_dir("bert")
     data = write_jsonl(tmp_path / "d.jsonl", rows_for(CLASSIFY, "text"))
@@ -201,7 +201,7 @@ def test_the_candidate_leaves_memory_before_the_promoted_model_loads(tiny_model_
 
     candidate: list[weakref.ref[Any]] = []
     alive_when_promoted_loads: list[bool] = []
-    setup_optimizer, load = FineTuneRecipe._setup_optimizer, recipe_module.load_trained_model
+    setup_optimizer, load = FineTuneRecipe._setup_optimizer, promoted_module.load_trained_model
 
     def watch_candidate(self: FineTuneRecipe) -> None:
         setup_optimizer(self)
@@ -213,7 +213,7 @@ def test_the_candidate_leaves_memory_before_the_promoted_model_loads(tiny_model_
         return load(*args, **kwargs)
 
     monkeypatch.setattr(FineTuneRecipe, "_setup_optimizer", watch_candidate)
-    monkeypatch.setattr(recipe_module, "load_trained_model", load_promoted)
+    monkeypatch.setattr(promoted_module, "load_trained_model", load_promoted)
     result = run_as(classification_manifest(base, data, out, "full", {"epochs": 1}), tmp_path, 2)
     assert alive_when_promoted_loads == [False]
     assert result.promoted is not None and result.promoted.error is None

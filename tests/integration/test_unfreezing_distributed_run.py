@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.harness.operator import free_port
-from tests.integration.test_trainer import manifest, rows_for, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, write_jsonl
 from tests.manifests import ROOT
 
 pytestmark = pytest.mark.integration

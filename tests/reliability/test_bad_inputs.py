@@ -40,7 +40,7 @@ import yaml
 
 from tests.harness import bad_inputs as bad
 from tests.harness.reliability import Figure, is_full, sample
-from tests.integration.test_trainer import manifest
+from tests.harness.trainer_jobs import manifest
 from tests.manifests import ROOT
 from tuneloop.contract import ExitCode
 

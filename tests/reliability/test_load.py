@@ -39,6 +39,7 @@ from tests.harness.k8s_fixtures import K8sApi
 from tests.harness.operator import OperatorProcess
 from tests.harness.reliability import Figure, is_full, sample
 from tests.harness.s3 import MotoS3Server, create_bucket, make_client, user_env
+from tuneloop_trainer.example import job_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -49,18 +50,14 @@ PODS = r"^/api/v1/namespaces/default/pods$"
 
 
 def job(i: int) -> dict[str, Any]:
-    return {
-        "apiVersion": API,
-        "kind": KIND,
-        "metadata": {"name": f"load-{i:04d}", "namespace": NS},
-        "spec": {
-            "task": "sequence-classification",
-            "model": {"uri": "hf://org/model"},
-            "dataset": {"uri": f"s3://data-bucket/train-{i % 10}/"},
-            "output": {"uri": f"s3://model-bucket/load-{i:04d}/"},
-            "resources": {"gpus": 0},
-        },
-    }
+    return job_manifest(
+        f"load-{i:04d}",
+        namespace=NS,
+        task="sequence-classification",
+        model_uri="hf://org/model",
+        dataset={"uri": f"s3://data-bucket/train-{i % 10}/"},
+        output={"uri": f"s3://model-bucket/load-{i:04d}/"},
+    )
 
 
 class PeakRss:

@@ -41,18 +41,13 @@ from boto3.s3.transfer import TransferConfig
 from tests.harness.faults_s3 import FaultKind, FaultProxy, Rule
 from tests.harness.reliability import Figure, is_full, sample
 from tests.harness.s3 import S3Harness
-from tests.integration.test_trainer import manifest, rows_for, run_job, run_recipe, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, run_job, run_recipe, write_jsonl
 from tuneloop.api import FineTuneJob
 from tuneloop.contract import ExitCode, Layout
 from tuneloop.ownership import JobIdentity, claim_next_run
-from tuneloop.storage import (
-    DEFAULT_S3_MAX_ATTEMPTS,
-    MiB,
-    PreconditionFailedError,
-    S3Storage,
-    Storage,
-    StorageError,
-)
+from tuneloop.storage import PreconditionFailedError, S3Storage, Storage, StorageError
+from tuneloop.storage.localfiles import MiB
+from tuneloop.storage.s3_config import DEFAULT_S3_MAX_ATTEMPTS
 from tuneloop_operator.datawatch import DataWatch
 from tuneloop_operator.heartbeat import HeartbeatError, HeartbeatReader
 from tuneloop_operator.outputs import JobStorage, OutputAccess

@@ -354,13 +354,8 @@ def test_a_base_model_whose_pytorch_model_bin_carries_a_pickle_payload_is_refuse
     import torch
 
     from tuneloop_trainer.errors import UnsupportedModelError
-    from tuneloop_trainer.models import (
-        ResolvedModel,
-        _load_for_task,
-        load_config,
-        load_tokenizer,
-        model_family,
-    )
+    from tuneloop_trainer.models import ResolvedModel, load_config, load_tokenizer, model_family
+    from tuneloop_trainer.models.loading import load_for_task
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir("bert"), model)
@@ -371,5 +366,5 @@ def test_a_base_model_whose_pytorch_model_bin_carries_a_pickle_payload_is_refuse
     config = load_config(resolved)
     tokenizer = load_tokenizer(resolved, model_family(config))
     with pytest.raises(UnsupportedModelError, match="corrupt"):
-        _load_for_task("sequence-classification", resolved, config, tokenizer, ["neg", "pos"], kwargs={})
+        load_for_task("sequence-classification", resolved, config, tokenizer, ["neg", "pos"], kwargs={})
     assert not marker.exists(), "the pickle payload ran"

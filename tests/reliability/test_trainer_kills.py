@@ -44,7 +44,7 @@ from tests.harness.trainer_faults import (
     incomplete_multipart_uploads,
     widened_gpt2,
 )
-from tests.integration.test_trainer import manifest, rows_for, write_jsonl
+from tests.harness.trainer_jobs import manifest, rows_for, write_jsonl
 from tuneloop.api import FineTuneJob
 from tuneloop_trainer.progress import Sinks, StepReport
 from tuneloop_trainer.recipe import FineTuneRecipe, RunContext, RunResult

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tests.harness.crd_validation import validate_custom_object
 from tests.manifests import CRD_PATH, minimal_job
 from tuneloop.api import FineTuneJob
-from tuneloop.api.spec import DEFAULT_LEARNING_RATES, METHOD_TRAITS, PEFT_METHODS
+from tuneloop.api.methods import DEFAULT_LEARNING_RATES, METHOD_TRAITS, PEFT_METHODS
 from tuneloop.validate import format_path
 
 pytestmark = pytest.mark.unit

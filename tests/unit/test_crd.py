@@ -12,7 +12,7 @@ import yaml
 
 from tests.harness.crd_validation import validate_custom_object
 from tests.manifests import BROKEN, CRD_PATH, ROOT, Broken, load_examples, minimal_job
-from tuneloop import crd
+from tuneloop import cel, crd
 from tuneloop.apidoc import render_api_reference
 
 pytestmark = pytest.mark.unit
@@ -139,7 +139,7 @@ def test_crd_rejects_what_the_models_reject_at_the_same_path(schema: dict[str, A
 
 
 def test_operator_only_rules_are_documented() -> None:
-    documented = " ".join(crd.OPERATOR_ONLY_RULES)
+    documented = " ".join(cel.OPERATOR_ONLY_RULES)
     for broken in BROKEN:
         if not broken.crd_catches:
             assert broken.path.split("[")[0].split(".")[-1] in documented or "promotion.gates" in documented

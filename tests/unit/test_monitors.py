@@ -15,7 +15,7 @@ import yaml
 
 from tests.manifests import minimal_job
 from tuneloop.api import FineTuneJob
-from tuneloop_operator.render import render_run
+from tuneloop_operator.render import render_attempt
 
 pytestmark = pytest.mark.unit
 
@@ -66,7 +66,7 @@ def trainer_pods(nodes: int, namespace: str = "ml") -> list[dict[str, Any]]:
     m["spec"]["resources"] = {"gpus": 1, "nodes": nodes}
     job = FineTuneJob.from_manifest(m)
     owner = {"apiVersion": "tuneloop.dev/v1alpha1", "kind": "FineTuneJob", "name": job.metadata.name, "uid": UID}
-    objects = render_run(job, 1, 1, image="ghcr.io/tuneloop/trainer:0.1.0", owner=owner)
+    objects = render_attempt(job, 1, 1, image="ghcr.io/tuneloop/trainer:0.1.0", owner=owner)
     return [o for o in objects if o["kind"] == "Pod"]
 
 

@@ -22,10 +22,10 @@ from tuneloop.storage import (
     Storage,
     StorageError,
     UnsafeKeyError,
-    _plan_local_paths,
     parse_s3_uri,
     safe_join,
 )
+from tuneloop.storage.keys import _plan_local_paths
 
 pytestmark = pytest.mark.unit
 
@@ -310,7 +310,7 @@ def _client_error(code: str, message: str = "", status: int = 400, op: str = "Ge
 def test_client_errors_become_readable_storage_errors(
     plain_s3: S3Storage, code: str, message: str, cls: type[StorageError], needle: str
 ) -> None:
-    error = plain_s3._error(_client_error(code, message), "s3://bucket-a/k", "reading")
+    error = plain_s3._errors.translate(_client_error(code, message), "s3://bucket-a/k", "reading")
     assert type(error) is cls
     assert needle in str(error)
     assert error.uri == "s3://bucket-a/k"
@@ -319,7 +319,7 @@ def test_client_errors_become_readable_storage_errors(
 def test_server_messages_are_redacted() -> None:
     canary = "Canary-Secret-0xDEADBEEF"
     storage = S3Storage(env={"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": canary})
-    error = storage._error(_client_error("Odd", f"echoed {canary} back"), "s3://bucket-a/k", "reading")
+    error = storage._errors.translate(_client_error("Odd", f"echoed {canary} back"), "s3://bucket-a/k", "reading")
     assert canary not in str(error)
     assert "***" in str(error)
 

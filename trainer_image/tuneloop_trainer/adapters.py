@@ -1,5 +1,5 @@
-"""The peft methods beyond LoRA, IA3 and virtual tokens: VeRA, LoHa, LoKr, and bottleneck
-adapters.
+"""The peft config of each parameter-efficient method (:data:`PEFT_CONFIGS`), and bottleneck
+adapters, which peft does not have.
 
 Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) are not a peft method of their
 own, and AdapterHub's ``adapters`` pins an older transformers. They are built here on peft's
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 import peft
@@ -31,8 +32,9 @@ from torch import nn
 from torch.nn import functional
 from transformers.pytorch_utils import Conv1D
 
-from tuneloop.api.spec import BottleneckConfig, LycorisConfig, Method, VeraConfig
+from tuneloop.api.spec import BottleneckConfig, LoraConfig, LycorisConfig, Method, VeraConfig
 from tuneloop_trainer.errors import UnsupportedModelError
+from tuneloop_trainer.models.limits import virtual_tokens
 
 _ACTIVATIONS: Final[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {
     "relu": functional.relu,
@@ -127,37 +129,104 @@ def bottleneck_targets(model_type: str, given: list[str] | None) -> list[str]:
     return list(found)
 
 
-def peft_config(method: Method, task_type: Any, model_type: str) -> Any:
-    """The peft config for ``vera``, ``loha``, ``lokr`` or ``bottleneck`` (None for other methods)."""
-    if method.type == "vera":
-        vera = method.vera or VeraConfig()
-        return peft.VeraConfig(
-            task_type=task_type,
-            r=vera.r,
-            vera_dropout=vera.dropout,
-            target_modules=list(vera.target_modules) if vera.target_modules else None,
-            save_projection=True,  # the adapter reloads without re-drawing the random matrices
-        )
-    if method.type in ("loha", "lokr"):
-        settings = (method.loha if method.type == "loha" else method.lokr) or LycorisConfig()
-        config_cls = peft.LoHaConfig if method.type == "loha" else peft.LoKrConfig
-        return config_cls(
-            task_type=task_type,
-            r=settings.r,
-            alpha=settings.alpha,
-            target_modules=list(settings.target_modules) if settings.target_modules else None,
-        )
-    if method.type == "bottleneck":
-        bottleneck = method.bottleneck or BottleneckConfig()
-        return BottleneckLoraConfig(
-            task_type=task_type,
-            target_modules=bottleneck_targets(
-                model_type, list(bottleneck.target_modules) if bottleneck.target_modules else None
-            ),
-            bottleneck_reduction_factor=bottleneck.reduction_factor,
-            bottleneck_nonlinearity=bottleneck.nonlinearity,
-        )
-    return None
+def _given(target_modules: list[str] | None) -> list[str] | None:
+    """``targetModules`` as set (None when omitted or empty: the method's own default)."""
+    return list(target_modules) if target_modules else None
+
+
+def _lora(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    lora = method.lora or LoraConfig()
+    # "all-linear": every linear layer of the blocks, the output head excluded. The QLoRA
+    # paper found adapting all of them matters more than the rank.
+    targets = _given(lora.target_modules) or "all-linear"
+    return peft.LoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_dora=lora.use_dora,
+    )
+
+
+def _ia3(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    targets = _given(method.ia3.target_modules if method.ia3 else None)
+    return peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=[] if targets else None)
+
+
+def _vera(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    vera = method.vera or VeraConfig()
+    # save_projection: the adapter reloads without re-drawing the random matrices
+    return peft.VeraConfig(
+        task_type=task_type,
+        r=vera.r,
+        vera_dropout=vera.dropout,
+        target_modules=_given(vera.target_modules),
+        save_projection=True,
+    )
+
+
+def _lycoris(config_cls: Any, settings: LycorisConfig | None, task_type: Any) -> Any:
+    settings = settings or LycorisConfig()
+    return config_cls(
+        task_type=task_type, r=settings.r, alpha=settings.alpha, target_modules=_given(settings.target_modules)
+    )
+
+
+def _loha(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    return _lycoris(peft.LoHaConfig, method.loha, task_type)
+
+
+def _lokr(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    return _lycoris(peft.LoKrConfig, method.lokr, task_type)
+
+
+def _bottleneck(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    bottleneck = method.bottleneck or BottleneckConfig()
+    return BottleneckLoraConfig(
+        task_type=task_type,
+        target_modules=bottleneck_targets(model_type, _given(bottleneck.target_modules)),
+        bottleneck_reduction_factor=bottleneck.reduction_factor,
+        bottleneck_nonlinearity=bottleneck.nonlinearity,
+    )
+
+
+def _prefix_tuning(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens(method))
+
+
+def _prompt_tuning(method: Method, task_type: Any, model_type: str, tokenizer_path: str | None) -> Any:
+    settings = method.prompt_tuning
+    config = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=virtual_tokens(method))
+    if settings is not None and settings.init_text:
+        config.prompt_tuning_init = peft.PromptTuningInit.TEXT
+        config.prompt_tuning_init_text = settings.init_text
+        config.tokenizer_name_or_path = tokenizer_path
+    return config
+
+
+#: (method, peft task type, the model's ``model_type``, tokenizer directory) → peft config.
+PeftConfigBuilder = Callable[[Method, Any, str, str | None], Any]
+#: The peft config builder of every parameter-efficient method (``spec.method.type``).
+PEFT_CONFIGS: Final[Mapping[str, PeftConfigBuilder]] = MappingProxyType(
+    {
+        "lora": _lora,
+        "qlora": _lora,  # the same adapter, on a base that the loader quantized
+        "ia3": _ia3,
+        "vera": _vera,
+        "loha": _loha,
+        "lokr": _lokr,
+        "bottleneck": _bottleneck,
+        "prefix-tuning": _prefix_tuning,
+        "prompt-tuning": _prompt_tuning,
+    }
+)
+
+
+def peft_config(method: Method, task_type: Any, model_type: str, *, tokenizer_path: str | None = None) -> Any:
+    """The peft config of a parameter-efficient ``method`` for a model of ``model_type``
+    (``tokenizer_path``: where prompt tuning's ``initText`` is tokenized, when it is set)."""
+    return PEFT_CONFIGS[method.type](method, task_type, model_type, tokenizer_path)
 
 
 def read_adapter_config(directory: Path) -> tuple[Any, str | None]:

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import threading
 import time
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuneloop.contract import Layout
 from tuneloop.storage import ObjectInfo, Storage, StorageError, safe_join, sha256_file
 
 __all__ = [
@@ -65,20 +65,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT: Final = "tuneloop-checkpoint/1"
-MANIFEST_NAME: Final = "manifest.json"
+MANIFEST_NAME: Final = Layout.CHECKPOINT_MANIFEST
 TENSORS_NAME: Final = "model.safetensors"
 OBJECTS_NAME: Final = "state.pt"
 META_NAME: Final = "meta.json"
 #: Written in this order; the manifest comes after all of them.
 _FILES: Final = (TENSORS_NAME, OBJECTS_NAME, META_NAME)
-_STEP_DIR_RE: Final = re.compile(r"^step-(\d{8,})$")
-
-
-def step_dir_name(step: int) -> str:
-    """``step-00000042``: the same name as :meth:`tuneloop.contract.Layout.checkpoint` uses."""
-    if step < 0:
-        raise ValueError(f"steps are non-negative, got {step}")
-    return f"step-{step:08d}"
 
 
 # --- state ------------------------------------------------------------------------------
@@ -214,7 +206,7 @@ class CheckpointManager:
     # --- saving ---------------------------------------------------------------------------
 
     def step_uri(self, step: int) -> str:
-        return safe_join(self.checkpoints_uri, step_dir_name(step))
+        return safe_join(self.checkpoints_uri, Layout.checkpoint_folder(step))
 
     def save(self, step: int, state: CheckpointState, *, metric: float | None = None, blocking: bool = False) -> None:
         """Snapshot ``state`` locally now, upload it in the background.
@@ -225,7 +217,7 @@ class CheckpointManager:
         """
         started = time.monotonic()
         self.wait()
-        directory = self.local_dir / step_dir_name(step)
+        directory = self.local_dir / Layout.checkpoint_folder(step)
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
@@ -330,13 +322,7 @@ class CheckpointManager:
         for step in sorted(groups):
             if step in kept or (step > newest and step not in foreign):
                 continue
-            uri = self.step_uri(step)
-            # Manifest first: a half-deleted checkpoint must already read as incomplete.
-            self.storage.delete(safe_join(uri, MANIFEST_NAME))
-            self.storage.delete_prefix(uri + "/")
-            with self._lock:
-                self._manifests.pop(step, None)
-            logger.info("deleted checkpoint step %d (%s)", step, uri)
+            logger.info("deleted checkpoint step %d (%s)", step, self._delete(step))
 
     def remove_incomplete(self) -> list[int]:
         """Delete every checkpoint directory of the run that is not complete (no valid manifest,
@@ -352,14 +338,19 @@ class CheckpointManager:
         whole = {info.step for own in (True, False) for info in self._complete_from(groups, own=own)}
         removed = []
         for step in sorted(set(groups) - whole):
-            uri = self.step_uri(step)
-            self.storage.delete(safe_join(uri, MANIFEST_NAME))
-            self.storage.delete_prefix(uri + "/")
-            with self._lock:
-                self._manifests.pop(step, None)
-            logger.info("deleted incomplete checkpoint step %d (%s)", step, uri)
+            logger.info("deleted incomplete checkpoint step %d (%s)", step, self._delete(step))
             removed.append(step)
         return removed
+
+    def _delete(self, step: int) -> str:
+        """Delete the checkpoint of ``step``; returns its URI."""
+        uri = self.step_uri(step)
+        # Manifest first: a half-deleted checkpoint must already read as incomplete.
+        self.storage.delete(safe_join(uri, MANIFEST_NAME))
+        self.storage.delete_prefix(uri + "/")
+        with self._lock:
+            self._manifests.pop(step, None)
+        return uri
 
     # --- finding ----------------------------------------------------------------------------
 
@@ -368,9 +359,9 @@ class CheckpointManager:
         groups: dict[int, dict[str, ObjectInfo]] = {}
         for info in self.storage.list(self.checkpoints_uri + "/"):
             head, sep, rest = info.key.partition("/")
-            match = _STEP_DIR_RE.match(head)
-            if match and sep and rest:
-                groups.setdefault(int(match.group(1)), {})[rest] = info
+            step = Layout.checkpoint_step(head)
+            if step is not None and sep and rest:
+                groups.setdefault(step, {})[rest] = info
         return groups
 
     def _manifest(self, step: int, obj: ObjectInfo) -> dict[str, Any] | None:
@@ -500,7 +491,7 @@ class CheckpointManager:
         for required in _FILES:
             if required not in names:
                 raise ValueError(f"manifest of step {info.step} lists no {required}")
-        directory = self.local_dir / f"restore-{step_dir_name(info.step)}"
+        directory = self.local_dir / f"restore-{Layout.checkpoint_folder(info.step)}"
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)

@@ -8,9 +8,11 @@ do. Anything else that escapes is a crash: retryable, resumed from the last chec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
+from tuneloop.api.status import Reason
 from tuneloop.contract import ExitCode
+from tuneloop.text import clip
 
 #: ``StorageError.code`` values that mean the storage configuration is wrong (credentials,
 #: permissions, bucket, region): the same pod would fail the same way, so they are not retried.
@@ -34,52 +36,47 @@ PERMANENT_STORAGE_CODES: Final = frozenset(
 MAX_CAUSE_CHARS: Final = 2000
 #: Exit code of a crash: retryable (any code outside ExitCode's permanent ones would do).
 EXIT_CRASH: Final = 1
+#: The termination message's reason for a storage failure that is retried.
+STORAGE_UNAVAILABLE: Final = "StorageUnavailable"
 
 
 class TrainerError(Exception):
-    """A permanent failure with its exit code."""
+    """A permanent failure with its exit code and the reason the termination message gives
+    (a :class:`tuneloop.api.status.Reason`); each subclass names both in its class statement."""
 
-    exit_code: ExitCode = ExitCode.INVALID_CONFIG
-    reason: str = "InvalidConfig"
+    exit_code: ClassVar[ExitCode] = ExitCode.INVALID_CONFIG
+    reason: ClassVar[str] = Reason.INVALID_CONFIG
+
+    def __init_subclass__(cls, *, exit_code: ExitCode | None = None, reason: str | None = None) -> None:
+        super().__init_subclass__()
+        if exit_code is not None:
+            cls.exit_code = exit_code
+        if reason is not None:
+            cls.reason = reason
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class InvalidConfigError(TrainerError):
+class InvalidConfigError(TrainerError, exit_code=ExitCode.INVALID_CONFIG, reason=Reason.INVALID_CONFIG):
     """The job's configuration cannot be run."""
 
-    exit_code = ExitCode.INVALID_CONFIG
-    reason = "InvalidConfig"
 
-
-class InvalidDataError(TrainerError):
+class InvalidDataError(TrainerError, exit_code=ExitCode.INVALID_DATA, reason=Reason.INVALID_DATA):
     """The data failed validation; the message names the rows and why."""
 
-    exit_code = ExitCode.INVALID_DATA
-    reason = "InvalidData"
 
-
-class UnsupportedModelError(TrainerError):
+class UnsupportedModelError(TrainerError, exit_code=ExitCode.UNSUPPORTED_MODEL, reason=Reason.UNSUPPORTED_MODEL):
     """The model does not fit the task or method, or cannot be loaded."""
 
-    exit_code = ExitCode.UNSUPPORTED_MODEL
-    reason = "UnsupportedModel"
 
-
-class GateFailedError(TrainerError):
+class GateFailedError(TrainerError, exit_code=ExitCode.GATE_FAILED, reason=Reason.GATE_FAILED):
     """The model was trained and saved but did not pass its gates."""
 
-    exit_code = ExitCode.GATE_FAILED
-    reason = "GateFailed"
 
-
-class OutputOwned(TrainerError):
+class OutputOwned(TrainerError, exit_code=ExitCode.INVALID_CONFIG, reason=Reason.OUTPUT_OWNED):
     """The output location (or the run number) belongs to another job (permanent)."""
-
-    exit_code = ExitCode.INVALID_CONFIG
-    reason = "OutputOwned"
 
 
 @dataclass(frozen=True)
@@ -116,9 +113,9 @@ def failure_of(exc: BaseException) -> Failure:
     if isinstance(exc, StorageError):
         message = _clip(" ".join(str(exc).split()))
         if isinstance(exc, InvalidUriError | UnsafeKeyError) or exc.code in PERMANENT_STORAGE_CODES:
-            return Failure(int(ExitCode.INVALID_CONFIG), "InvalidConfig", message, traceback=False)
-        return Failure(EXIT_CRASH, "StorageUnavailable", message, traceback=False)
-    return Failure(EXIT_CRASH, "TrainerFailed", crash_cause(exc), traceback=True)
+            return Failure(int(ExitCode.INVALID_CONFIG), Reason.INVALID_CONFIG, message, traceback=False)
+        return Failure(EXIT_CRASH, STORAGE_UNAVAILABLE, message, traceback=False)
+    return Failure(EXIT_CRASH, Reason.TRAINER_FAILED, crash_cause(exc), traceback=True)
 
 
 def crash_cause(exc: BaseException) -> str:
@@ -129,4 +126,4 @@ def crash_cause(exc: BaseException) -> str:
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MAX_CAUSE_CHARS else text[: MAX_CAUSE_CHARS - 1] + "…"
+    return clip(text, MAX_CAUSE_CHARS)

@@ -39,6 +39,7 @@ from tuneloop.validate import validate_manifest
 
 if TYPE_CHECKING:
     from tuneloop_trainer.errors import Failure
+    from tuneloop_trainer.recipe import FineTuneRecipe
 
 log = logging.getLogger("tuneloop_trainer")
 
@@ -157,12 +158,12 @@ def stop_message(signal_name: str, step: int, last_checkpoint: int | None, resum
     return f"stopped on {signal_name} at step {step}; {saved}; {then}"
 
 
-def _last_checkpoint(recipe: Any, heartbeat: Any) -> int | None:
+def _last_checkpoint(recipe: FineTuneRecipe, heartbeat: Any) -> int | None:
     """The step of the run's latest complete checkpoint: as reported while training, else as stored
     (a run stopped before its first new step still has the checkpoint it resumed from)."""
     if heartbeat is not None and heartbeat.last_checkpoint is not None:
         return int(heartbeat.last_checkpoint.step)
-    checkpoints = getattr(recipe, "checkpoints", None)
+    checkpoints = recipe.checkpoints
     if checkpoints is None:
         return None
     try:
@@ -391,7 +392,7 @@ def train(
         console.close()
         signum = stop[0] if stop else int(signal.SIGTERM)
         last = _last_checkpoint(recipe, heartbeat)
-        message = stop_message(signal.Signals(signum).name, recipe.step, last, resume, run)
+        message = stop_message(signal.Signals(signum).name, recipe.state.step, last, resume, run)
         say(f"\n{message}", file=sys.stderr)
         if heartbeat is not None:
             heartbeat.end("stopped", message)
@@ -400,7 +401,7 @@ def train(
         return 128 + signum
     except KeyboardInterrupt:  # the second SIGINT: no checkpoint for this step
         console.close()
-        message = stop_message("a second SIGINT", recipe.step, _last_checkpoint(recipe, heartbeat), resume, run)
+        message = stop_message("a second SIGINT", recipe.state.step, _last_checkpoint(recipe, heartbeat), resume, run)
         message = message.replace("stopped on", "aborted on", 1)
         say(f"\n{message}", file=sys.stderr)
         if heartbeat is not None:

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field
 
+from tuneloop.api.methods import DEFAULT_LEARNING_RATES
 from tuneloop.api.spec import (
-    DEFAULT_LEARNING_RATES,
     DEFAULT_METRICS,
     METRIC_OUTPUTS,
     TASK_METRICS,

@@ -187,8 +187,10 @@ class Condition(ApiModel):
     """The ``metadata.generation`` this condition was computed for."""
 
 
-class Progress(ApiModel):
-    """Training progress, read from the trainer's heartbeat (Kubeflow Trainer's names)."""
+class TrainingProgress(ApiModel):
+    """How far training is and how fast it goes (Kubeflow Trainer's names): the fields the
+    status' :class:`Progress` and the trainer's heartbeat (:class:`tuneloop.contract.Heartbeat`)
+    share."""
 
     step: Annotated[int, Field(ge=0)] = 0
     """Optimizer steps done."""
@@ -204,6 +206,11 @@ class Progress(ApiModel):
     """Latest training loss."""
     tokens_per_second: Annotated[float, Field(ge=0)] | None = None
     """Training throughput in non-padding tokens per second."""
+
+
+class Progress(TrainingProgress):
+    """Training progress, read from the trainer's heartbeat (Kubeflow Trainer's names)."""
+
     metrics: dict[str, float] = Field(default_factory=dict)
     """Latest evaluation metrics by name."""
     last_updated_time: datetime | None = None

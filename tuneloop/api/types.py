@@ -206,6 +206,9 @@ LabelName = Annotated[
 ColumnName = Annotated[str, Field(min_length=1, max_length=256)]
 """A column (or JSON key) of the dataset."""
 
+Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+"""A fraction in [0, 1): of the rows, of the steps, of the units dropped."""
+
 
 # --- durations -------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ from tuneloop.api.status import Condition, FineTuneJobStatus, find_condition
 from tuneloop.contract import Heartbeat, PromotedPointer
 from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
-from tuneloop_operator.planner import Event, Observed, OutputView, Plan, PlannerSettings, parse_status, plan
+from tuneloop_operator.planner import Event, Observed, OutputView, Plan, parse_status, plan
 from tuneloop_operator.promotion import Candidate
+from tuneloop_operator.settings import OperatorSettings
 from tuneloop_operator.triggers import DataObservation, DriftObservation, Observations, RowObservation
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -59,7 +60,7 @@ class World:
         self,
         manifest: Manifest | None = None,
         *,
-        settings: PlannerSettings | None = None,
+        settings: OperatorSettings | None = None,
         now: datetime = T0,
         graceful_deletes: bool = False,
     ) -> None:
@@ -67,7 +68,7 @@ class World:
         meta = self.body.setdefault("metadata", {})
         meta.setdefault("uid", UID)
         meta.setdefault("generation", 1)
-        self.settings = settings or PlannerSettings(trainer_image=IMAGE)
+        self.settings = settings or OperatorSettings(trainer_image=IMAGE)
         self.now = now
         self.graceful_deletes = graceful_deletes
         """Deleted pods keep running with a deletionTimestamp until :meth:`finish_deletion`."""

@@ -10,11 +10,14 @@ from typing import Any
 import kopf
 import pytest
 
-from tuneloop_operator import handlers
-from tuneloop_operator.handlers import RetryLater, Runtime, WatchStallCounter, configure, on_change
+from tuneloop_operator import executor, kopfsetup
+from tuneloop_operator.executor import RetryLater
+from tuneloop_operator.handlers import on_change
+from tuneloop_operator.kopfsetup import WatchStallCounter, configure
 from tuneloop_operator.kube import ApiError, _retry_after
 from tuneloop_operator.metrics import OperatorMetrics
 from tuneloop_operator.observe import Observer
+from tuneloop_operator.runtime import Runtime
 from tuneloop_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
@@ -45,32 +48,31 @@ def runtime(kube: Any) -> Runtime:
         heartbeats=None,  # type: ignore[arg-type]
         outputs=None,  # type: ignore[arg-type]
         observer=Observer(None, metrics),  # type: ignore[arg-type]
-        planner=None,  # type: ignore[arg-type]
     )
 
 
 @pytest.fixture(autouse=True)
 def no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handlers, "STATUS_WRITE_RETRIES", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(executor, "STATUS_WRITE_RETRIES", (0.0, 0.0, 0.0))
 
 
 def test_a_status_write_refused_for_a_passing_reason_is_tried_again() -> None:
     kube = FakeKube(ApiError(409, "Conflict", "x"), ApiError(500, "InternalError", "x"), ApiError(422, "Invalid", "x"))
-    asyncio.run(runtime(kube)._write_status(("ns", "job"), {"phase": "Running"}))
+    asyncio.run(runtime(kube).executor._write_status(("ns", "job"), {"phase": "Running"}))
     assert len(kube.patches) == 4  # three refusals, then written: the status is not left to a guess
 
 
 def test_a_status_write_refused_for_good_is_not_repeated() -> None:
     kube = FakeKube(ApiError(403, "Forbidden", "no"))
     with pytest.raises(ApiError):
-        asyncio.run(runtime(kube)._write_status(("ns", "job"), {"phase": "Running"}))
+        asyncio.run(runtime(kube).executor._write_status(("ns", "job"), {"phase": "Running"}))
     assert len(kube.patches) == 1
 
 
 def test_a_status_write_gives_up_after_its_tries() -> None:
     kube = FakeKube(*[ApiError(503, "ServiceUnavailable", "x")] * 10)
     with pytest.raises(ApiError):
-        asyncio.run(runtime(kube)._write_status(("ns", "job"), {}))
+        asyncio.run(runtime(kube).executor._write_status(("ns", "job"), {}))
     assert len(kube.patches) == 4
 
 
@@ -98,7 +100,7 @@ def test_watch_stalls_are_counted_by_resource_without_showing_debug_lines(caplog
     counter = WatchStallCounter(metrics.watch_stalls, logging.INFO)
     counter.install()
     try:
-        logger = logging.getLogger(handlers.WATCH_LOGGER)
+        logger = logging.getLogger(kopfsetup.WATCH_LOGGER)
         with caplog.at_level(logging.INFO):
             # Kopf's own words (kopf/_cogs/clients/watching.py), for a namespaced and a cluster-wide watch.
             logger.debug("Watch-stream for finetunejobs.v1alpha1.tuneloop.dev in 'ml' is inactive, reconnecting.")
@@ -110,7 +112,7 @@ def test_watch_stalls_are_counted_by_resource_without_showing_debug_lines(caplog
         counter.uninstall()
     assert metrics.watch_stalls.labels(resource="finetunejobs")._value.get() == 1
     assert metrics.watch_stalls.labels(resource="pods")._value.get() == 2
-    assert [r.getMessage() for r in caplog.records if r.name == handlers.WATCH_LOGGER] == ["something else"]
+    assert [r.getMessage() for r in caplog.records if r.name == kopfsetup.WATCH_LOGGER] == ["something else"]
 
 
 def test_the_inactivity_timeout_is_a_setting_kopf_gets() -> None:

@@ -12,9 +12,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.contract import Heartbeat
-from tuneloop_operator.handlers import Runtime
 from tuneloop_operator.metrics import OperatorMetrics
 from tuneloop_operator.observe import Observer
+from tuneloop_operator.runtime import Runtime
 
 from .planner_helpers import T0, UID, World, job_manifest
 
@@ -102,7 +102,6 @@ def runtime(metrics: OperatorMetrics) -> Runtime:
         heartbeats=None,  # type: ignore[arg-type]
         outputs=None,  # type: ignore[arg-type]
         observer=Observer(None, metrics),  # type: ignore[arg-type]
-        planner=None,  # type: ignore[arg-type]
     )
 
 

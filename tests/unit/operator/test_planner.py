@@ -14,10 +14,12 @@ import pytest
 from tests.manifests import BROKEN
 from tuneloop.api import ConditionType, Reason
 from tuneloop.api.status import CheckpointRef
-from tuneloop.contract import Heartbeat
+from tuneloop.contract import LIFECYCLE_FIELDS, Heartbeat
 from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
-from tuneloop_operator.planner import _LIFECYCLE_ATTRS, LIFECYCLE_FIELDS, PlannerSettings, parse_status, plan
+from tuneloop_operator.planner import parse_status, plan
+from tuneloop_operator.planner.observe import _LIFECYCLE_ATTRS
+from tuneloop_operator.settings import OperatorSettings
 
 from .planner_helpers import IMAGE, T0, UID, World, job_manifest, ts
 
@@ -382,7 +384,7 @@ def fail_and_retry(w: World, times: int) -> list[float | None]:
 
 
 def test_backoff_doubles_and_is_capped() -> None:
-    w = World(job_manifest(backoffLimit=5), settings=PlannerSettings(trainer_image=IMAGE, backoff_max_seconds=45))
+    w = World(job_manifest(backoffLimit=5), settings=OperatorSettings(trainer_image=IMAGE, backoff_max_seconds=45))
     w.reconcile()
     assert fail_and_retry(w, 5) == [10.0, 20.0, 40.0, 45.0, 45.0]
     current = w.status.current_run
@@ -486,7 +488,7 @@ def test_a_pod_stuck_terminating_on_a_lost_node_stops_fencing_after_the_bound() 
     """The node never answers again: the pod stays Terminating forever. The next attempt waits
     for it through its grace period and then ``stuck_terminating_seconds``, not longer."""
     w = running_world(
-        graceful_deletes=True, settings=PlannerSettings(trainer_image=IMAGE, stuck_terminating_seconds=120)
+        graceful_deletes=True, settings=OperatorSettings(trainer_image=IMAGE, stuck_terminating_seconds=120)
     )
     grace = w.pod(POD)["spec"]["terminationGracePeriodSeconds"]
     w.lose_node(POD)
@@ -513,7 +515,7 @@ def test_a_pod_stuck_terminating_on_a_lost_node_stops_fencing_after_the_bound() 
 def test_a_pod_someone_deleted_that_never_goes_away_is_lost_after_the_bound() -> None:
     """``kubectl delete pod`` on a node that no longer answers: no DisruptionTarget, no exit,
     the pod just stays Terminating. The attempt is taken as lost once the bound has passed."""
-    w = running_world(settings=PlannerSettings(trainer_image=IMAGE, stuck_terminating_seconds=60))
+    w = running_world(settings=OperatorSettings(trainer_image=IMAGE, stuck_terminating_seconds=60))
     w.pod(POD)["metadata"]["deletionTimestamp"] = ts(w.now + timedelta(seconds=30))  # grace 30 s
     p = w.reconcile()
     assert p.create == [] and not p.preempted and p.requeue_after == 1.0
@@ -560,7 +562,7 @@ def test_multi_node_eviction_of_one_rank_replaces_the_whole_attempt() -> None:
 
 
 def test_too_many_preemptions_fail_the_run() -> None:
-    w = running_world(settings=PlannerSettings(trainer_image=IMAGE, max_preemptions=2))
+    w = running_world(settings=OperatorSettings(trainer_image=IMAGE, max_preemptions=2))
     for attempt in range(1, 4):
         w.evict(f"job-r1-a{attempt}-n0")
         p = w.reconcile()

@@ -22,9 +22,9 @@ from tuneloop_operator.render import (
     LABEL_RUN,
     MASTER_PORT,
     names,
+    render_attempt,
     render_config_map,
     render_pod,
-    render_run,
     render_service,
 )
 
@@ -97,7 +97,7 @@ GoldenDumper.add_representer(str, _str)
 )
 def test_rendering_matches_golden_file(golden: str, job_factory: Any) -> None:
     job = job_factory()
-    objects = render_run(job, run=3, attempt=2, image=IMAGE, owner=owner_of(job))
+    objects = render_attempt(job, run=3, attempt=2, image=IMAGE, owner=owner_of(job))
     text = yaml.dump_all(objects, Dumper=GoldenDumper, sort_keys=True, default_flow_style=False)
     assert list(yaml.safe_load_all(text)) == objects
     path = GOLDEN / golden
@@ -200,7 +200,7 @@ def test_pod_security_check_catches_violations() -> None:
 @pytest.mark.parametrize("job_factory", [single_node_job, two_node_job, cpu_job])
 def test_pods_pass_pod_security_restricted_and_the_schema(job_factory: Any) -> None:
     job = job_factory()
-    for obj in render_run(job, run=1, attempt=1, image=IMAGE, owner=owner_of(job)):
+    for obj in render_attempt(job, run=1, attempt=1, image=IMAGE, owner=owner_of(job)):
         if obj["kind"] == "Pod":
             assert_pod_security_restricted(obj)
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -377,7 +377,7 @@ def test_canary_credentials_only_travel_by_secret_reference() -> None:
     """A job naming both Secrets: every credential variable is a secretKeyRef to the named
     Secret, none has a literal value, and no rendered object mentions a credential value."""
     job = single_node_job()
-    for obj in render_run(job, run=1, attempt=1, image=IMAGE, owner=owner_of(job)):
+    for obj in render_attempt(job, run=1, attempt=1, image=IMAGE, owner=owner_of(job)):
         if obj["kind"] != "Pod":
             continue
         env = env_of(obj)

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tuneloop_trainer.data.loading import Column, display_names, file_format, load_file
+from tuneloop_trainer.data.loading import display_names, file_format, load_file
+from tuneloop_trainer.data.rows import Column
 from tuneloop_trainer.errors import InvalidDataError
 
 pytestmark = pytest.mark.unit

@@ -185,7 +185,7 @@ def test_skipping_an_oversize_csv_record_ends_where_the_csv_module_ends_it() -> 
     """Random lines of letters, delimiters, quotes and newlines, cut at random points: the
     skipper's idea of where the first record ends is the csv module's (else the rows after
     an oversize record would be misread)."""
-    from tuneloop_trainer.data.loading import _QUOTED, _START, _state_after
+    from tuneloop_trainer.data.read_delimited import _QUOTED, _START, _state_after
 
     rng = random.Random(7)
     alphabet = ["a", "b", " ", ",", ",", '"', '"', '"', "\n"]

@@ -14,7 +14,7 @@ import torch
 
 from tests.manifests import minimal_job
 from tuneloop.api import FineTuneJob
-from tuneloop.api.spec import METHOD_TRAITS
+from tuneloop.api.methods import METHOD_TRAITS
 from tuneloop_trainer.errors import UnsupportedModelError
 from tuneloop_trainer.models import load_model, load_trained_model, resolve_model
 
@@ -144,3 +144,10 @@ def test_lycoris_on_conv1d_projections_is_a_clear_error(tiny_model_dir, tmp_path
     spec = spec_for("causal-lm", tiny_model_dir("gpt2", base_only=True), {"type": method})
     with pytest.raises(UnsupportedModelError, match=rf"cannot apply {method} to this decoder model: .*Conv1D"):
         load_model(spec, resolve_model(spec.model, lambda uri, dest: dest, tmp_path))
+
+
+def test_every_parameter_efficient_method_has_a_peft_config_builder() -> None:
+    from tuneloop.api.methods import PEFT_METHODS
+    from tuneloop_trainer.adapters import PEFT_CONFIGS
+
+    assert set(PEFT_CONFIGS) == PEFT_METHODS

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.trainer.test_data_prepare import make_spec, prepare, uri, write_jsonl
-from tuneloop_trainer.data.prepare import Example
+from tuneloop_trainer.data.examples import Example
 from tuneloop_trainer.data.replay import EpochRows, ReplayMix
 
 pytestmark = pytest.mark.unit

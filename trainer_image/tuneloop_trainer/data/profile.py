@@ -46,7 +46,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from tuneloop_trainer.data.prepare import Example
+from tuneloop_trainer.data.examples import Example
 
 PROFILE_FORMAT: Final = "tuneloop-data-profile/1"
 #: Tokens whose counts are kept; the rest are counted together as ``other``.

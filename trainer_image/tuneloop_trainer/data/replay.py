@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tuneloop_trainer.data.prepare import Example
+    from tuneloop_trainer.data.examples import Example
 
 
 def replay_rows_wanted(ratio: float, n_train: int) -> int:

@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from tuneloop_trainer.report.markdown import table
+
 #: Keys rendered by a section of their own (everything else goes to "Other facts").
 _KNOWN: Final = frozenset(
     {
@@ -58,15 +60,9 @@ def _num(value: Any) -> str:
     return str(value)
 
 
-def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else _num(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return [*lines, ""]
+    """A table whose counts read with thousands separators."""
+    return table(headers, rows, _num)
 
 
 def _plural(n: int, word: str) -> str:

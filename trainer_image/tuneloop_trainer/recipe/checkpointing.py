@@ -1,0 +1,162 @@
+"""Saving and resuming: the recipe's side of :mod:`tuneloop_trainer.checkpoints`.
+
+A checkpoint is the training objects' own state (weights, optimizer, scheduler, fp16 loss
+scaling, RNGs) plus the loop's :class:`~tuneloop_trainer.recipe.state.LoopState`. Saving stalls
+the loop only for the local snapshot; the upload runs in the background and is reported once it
+is complete. Resuming is a step of ``setup()`` of its own, once the model, optimizer and scheduler
+exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tuneloop.api.methods import traits
+from tuneloop.contract import Layout, spec_hashes
+from tuneloop_trainer.checkpoints import CheckpointManager, CheckpointState, capture_rng, restore_rng
+from tuneloop_trainer.recipe.base import RecipeBase
+from tuneloop_trainer.recipe.state import BEST_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointSteps(RecipeBase):
+    """Setting up the checkpoint manager, saving, resuming, and tidying up after training."""
+
+    def _setup_checkpoints(self) -> None:
+        storage = self.sources.storage(self.ctx.output_uri)
+        self.checkpoints = CheckpointManager(
+            storage,
+            self.ctx.run_uri(Layout.checkpoints(self.ctx.run)),
+            self.ctx.work_dir / "checkpoints",
+            keep=self.spec.output.checkpoint.keep,
+            best_metric_mode=self.selection_mode,
+            identity=self.ctx.checkpoint_identity(),
+            spec_hashes=spec_hashes(self.spec),
+        )
+        self.last_checkpoint_time = time.monotonic()
+
+    def _manager(self) -> CheckpointManager:
+        if self.checkpoints is None:
+            raise RuntimeError("the checkpoint manager is created by setup()")
+        return self.checkpoints
+
+    def _kept_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The weights that checkpoints and the best state keep: all of them for full fine-tuning
+        (unfreezing changes which are trainable), only the trained ones for PEFT methods."""
+        model = self.accelerator.unwrap_model(self.model)
+        full = not traits(self.spec.method.type).peft
+        return {n: p for n, p in model.named_parameters() if full or p.requires_grad}
+
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {n: p.detach() for n, p in self._kept_parameters().items()}
+        # The best weights so far travel too: a resumed run must still end on the best state.
+        tensors.update(self.state.best_tensors())
+        return tensors
+
+    def save_checkpoint(self, *, blocking: bool = False) -> None:
+        """Snapshot locally (the only stall), upload in the background."""
+        manager = self._manager()
+        self._report_completed_checkpoint()  # save() waits for the previous upload first
+        saved = CheckpointState(
+            tensors=self._checkpoint_tensors(),
+            objects={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng(),
+                # fp16 loss scaling state (bf16 and fp32 have none)
+                **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler is not None else {}),
+            },
+            meta=self.state.meta(),
+        )
+        step = self.state.step
+        if self.accelerator.is_main_process:
+            manager.save(step, saved, metric=self.last_selection_value, blocking=blocking)
+            self.pending_checkpoint = (step, manager.step_uri(step))
+            if blocking:
+                self._report_completed_checkpoint()
+        self.last_checkpoint_time = time.monotonic()
+
+    def _report_completed_checkpoint(self) -> None:
+        if self.pending_checkpoint is None:
+            return
+        cm = self._manager()
+        cm.wait()
+        step, uri = self.pending_checkpoint
+        self.pending_checkpoint = None
+        self.sinks.checkpoint(step, uri, cm.last_save_seconds or 0.0, cm.last_upload_seconds, cm.last_bytes or 0)
+
+    def _checkpoint_due(self) -> bool:
+        policy = self.spec.output.checkpoint
+        if self.stop_requested:
+            return True
+        if policy.every_steps and self.state.step % policy.every_steps == 0:
+            return True
+        return bool(policy.every_minutes and time.monotonic() - self.last_checkpoint_time >= 60 * policy.every_minutes)
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint of this run, if there is one: its weights,
+        the optimizer's, scheduler's, loss scaler's and RNGs' state, and the loop's state."""
+        loaded = self._manager().load()
+        if loaded is None:
+            self._explain_foreign_checkpoints()
+            return
+        info, saved = loaded
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, tensor in saved.tensors.items():
+                if name.startswith(BEST_PREFIX):
+                    continue
+                params[name].copy_(tensor.to(params[name].device))
+        self.optimizer.load_state_dict(saved.objects["optimizer"])
+        self.scheduler.load_state_dict(saved.objects["scheduler"])
+        restore_rng(saved.objects["rng"])
+        if self.accelerator.scaler is not None and "scaler" in saved.objects:
+            self.accelerator.scaler.load_state_dict(saved.objects["scaler"])
+        self.state.restore(saved.meta, saved.tensors)
+        if self.unfreezer is not None:
+            if self.state.unfreezing_stage is not None:
+                self.unfreezer.apply_stage(self.state.unfreezing_stage)
+            self.state.unfreezing_stage = self.unfreezer.stage
+        self.sinks.message(f"   resumed from the checkpoint at step {info.step} ({info.uri})")
+
+    def _explain_foreign_checkpoints(self) -> None:
+        """Say why checkpoints found under this run's prefix are not resumed."""
+        manager = self._manager()
+        foreign = manager.foreign()
+        if not foreign:
+            return
+        mine = self.ctx.checkpoint_identity()
+        theirs = foreign[-1].manifest.get("identity")
+        if not isinstance(theirs, dict):
+            why = "they do not record which job and spec wrote them (an older trainer)"
+        else:
+            differ = [k for k in ("namespace", "name", "uid", "run", "specHash") if theirs.get(k) != mine.get(k)]
+            names = {
+                "specHash": "the spec (hyperparameters, data, model...)",
+                "uid": "the job's uid (a re-created job)",
+            }
+            why = "they were written with another " + ", ".join(names.get(k, k) for k in differ)
+        steps = ", ".join(str(info.step) for info in foreign[-5:])
+        self.sinks.message(
+            f"   not resuming the checkpoint(s) at step {steps} under {manager.checkpoints_uri}: {why}; "
+            "training starts fresh (they are deleted after this run's first checkpoint)"
+        )
+
+    def _remove_incomplete_checkpoints(self) -> None:
+        """Training is over: what killed attempts left half-uploaded can never be resumed."""
+        from tuneloop.storage import StorageError  # noqa: PLC0415
+
+        try:
+            removed = self._manager().remove_incomplete()
+        except (StorageError, OSError) as exc:
+            # Leftovers cost storage, not correctness: say so and carry on.
+            log.warning("removing incomplete checkpoints failed: %s", exc)
+            return
+        if removed:
+            steps = ", ".join(str(s) for s in removed)
+            self.sinks.message(f"   removed incomplete checkpoint(s) at step {steps} left by an interrupted attempt")

@@ -1,0 +1,9 @@
+"""Text helpers shared by the core, the operator and the trainer."""
+
+from __future__ import annotations
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, the last one an ellipsis (``…``) when cut:
+    condition messages, causes and events stay readable in ``kubectl describe``."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
