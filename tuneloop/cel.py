@@ -235,8 +235,8 @@ CEL_RULES: Final[tuple[CelRule, ...]] = (
     ),
     CelRule(
         ("spec", "promotion", "gates", "[]"),
-        "has(self.min) || has(self.max) || has(self.minImprovement)",
-        "a gate needs at least one of min, max or minImprovement",
+        "has(self.min) || has(self.max) || has(self.minImprovement) || has(self.minGainOverBaseline)",
+        "a gate needs at least one of min, max, minImprovement or minGainOverBaseline",
         twin="promotion gates",
     ),
     CelRule(
