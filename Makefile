@@ -33,7 +33,7 @@ lint: setup
 	$(PY) -m observability --check
 
 test: lint
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 unit: setup
 	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)
