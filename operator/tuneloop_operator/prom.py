@@ -21,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from tuneloop.text import clip
+
 __all__ = ["MAX_RESPONSE_BYTES", "DriftSample", "query_scalar"]
 
 #: Answers longer than this are refused (a query matching thousands of series, or not Prometheus).
@@ -50,8 +52,7 @@ def _endpoint(url: str) -> str:
 
 
 def _shown(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 1] + "…"
+    return clip(" ".join(text.split()), _SHOWN)
 
 
 def _labels(sample: Any) -> str:

@@ -17,6 +17,7 @@ from typing import Final
 from urllib.parse import unquote
 
 from tuneloop.storage.results import InvalidUriError, ObjectInfo, UnsafeKeyError
+from tuneloop.text import clip
 
 _BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _S3_KEY_MAX_BYTES: Final = 1024
@@ -52,8 +53,7 @@ def _str_or_none(value: object) -> str | None:
 
 def _show(value: object, limit: int = 200) -> str:
     """A bounded repr for messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return clip(repr(value), limit)
 
 
 def _key_problem(key: str) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import IO, Any, Final
 
 from tuneloop.storage import Storage, StorageError
+from tuneloop.text import first_line
 
 _CHUNK: Final = 1 << 20
 _CSV_FIELD_LIMIT: Final = 2**31 - 1  # as the trainer: rows are bounded by bytes, not by field size
@@ -274,5 +275,4 @@ def count_object(storage: Storage, uri: str, *, key: str, size: int, etag: str |
 
 
 def _brief(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= _PROBLEM_CHARS else text[: _PROBLEM_CHARS - 1] + "…"
+    return first_line(exc, _PROBLEM_CHARS)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from tuneloop.text import first_line
 from tuneloop_trainer.data.rows import Column, RawRow, missing_column, too_large, values_bytes
 from tuneloop_trainer.errors import InvalidDataError
 
@@ -61,5 +62,4 @@ def _parquet_row(ref: str, cells: dict[str, Any], limit: int) -> RawRow:
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
     """A library's error message for ours: its first line, cut short."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return first_line(exc, limit)

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from tuneloop.api.spec import ModelSource
+from tuneloop.text import first_line as text_first_line
 from tuneloop_trainer.errors import UnsupportedModelError
 from tuneloop_trainer.models.families import Family
 
@@ -75,9 +76,7 @@ def resolve_model(source: ModelSource, download: Callable[[str, Path], Path], ca
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """A library's error message for ours: its first line, cut short."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return text_first_line(exc, limit)
 
 
 def _is_hub(resolved: ResolvedModel) -> bool:
