@@ -252,7 +252,12 @@ def _count_parquet(storage: Storage, uri: str, size: int, etag: str | None) -> O
     except StorageError:
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a file that is not Parquet
-        return ObjectCount(0, source.bytes_read, complete=False, problem=f"not a readable Parquet file ({_brief(exc)})")
+        return ObjectCount(
+            0,
+            source.bytes_read,
+            complete=False,
+            problem=f"not a readable Parquet file ({first_line(exc, _PROBLEM_CHARS)})",
+        )
     return ObjectCount(int(metadata.num_rows), source.bytes_read, complete=True)
 
 
@@ -272,7 +277,3 @@ def count_object(storage: Storage, uri: str, *, key: str, size: int, etag: str |
         except csv.Error as exc:  # the csv module's messages name the problem, never the text
             return ObjectCount(0, bounded.bytes_read, complete=False, problem=f"cannot be parsed as CSV ({exc})")
         return ObjectCount(rows, bounded.bytes_read, complete=not bounded.truncated)
-
-
-def _brief(exc: BaseException) -> str:
-    return first_line(exc, _PROBLEM_CHARS)

@@ -12,6 +12,9 @@ from tuneloop.text import first_line
 from tuneloop_trainer.data.rows import Column, RawRow, missing_column, too_large, values_bytes
 from tuneloop_trainer.errors import InvalidDataError
 
+#: How much of pyarrow's error message a refusal quotes.
+_ERROR_CHARS = 200
+
 
 def read_parquet(path: Path, name: str, columns: Sequence[Column], limit: int) -> list[RawRow]:
     """Parquet is columnar: rows are read a batch at a time and checked against the limit
@@ -22,7 +25,7 @@ def read_parquet(path: Path, name: str, columns: Sequence[Column], limit: int) -
         parquet = pq.ParquetFile(path)
         names = list(parquet.schema_arrow.names)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for broken files
-        raise InvalidDataError(f"cannot read {name} as Parquet: {_first_line(exc)}") from None
+        raise InvalidDataError(f"cannot read {name} as Parquet: {first_line(exc, _ERROR_CHARS)}") from None
     present = [c for c in columns if c.name in names]
     for column in columns:
         if column.required and column.name not in names:
@@ -36,7 +39,7 @@ def read_parquet(path: Path, name: str, columns: Sequence[Column], limit: int) -
                     _parquet_row(f"{name}:row {len(rows)}", {role: col[j] for role, col in data.items()}, limit)
                 )
     except Exception as exc:
-        raise InvalidDataError(f"cannot read {name} as Parquet: {_first_line(exc)}") from None
+        raise InvalidDataError(f"cannot read {name} as Parquet: {first_line(exc, _ERROR_CHARS)}") from None
     return rows
 
 
@@ -58,8 +61,3 @@ def _parquet_row(ref: str, cells: dict[str, Any], limit: int) -> RawRow:
                 return RawRow(ref, problem="invalid UTF-8")
         values[role] = value
     return RawRow(ref, values)
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """A library's error message for ours: its first line, cut short."""
-    return first_line(exc, limit)
