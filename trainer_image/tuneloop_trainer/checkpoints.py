@@ -342,6 +342,13 @@ class CheckpointManager:
             removed.append(step)
         return removed
 
+    def abort_incomplete_uploads(self) -> int:
+        """Abort the multipart uploads a killed attempt left unfinished under the checkpoints (they
+        are not objects, so :meth:`remove_incomplete` cannot see them, and they are billed until
+        aborted). Call it when training has ended, like :meth:`remove_incomplete`."""
+        self.wait()
+        return self.storage.abort_incomplete_uploads(self.checkpoints_uri + "/")
+
     def _delete(self, step: int) -> str:
         """Delete the checkpoint of ``step``; returns its URI."""
         uri = self.step_uri(step)

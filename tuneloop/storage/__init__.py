@@ -34,8 +34,11 @@ Incomplete multipart uploads
 ----------------------------
 A pod killed during a large upload (preemption, OOM, ``activeDeadlineSeconds``) leaves an incomplete
 multipart upload behind. Its parts are invisible to listings but are stored and billed until
-aborted. Give the bucket a lifecycle rule that aborts them, for example after one day
-(:data:`ABORT_INCOMPLETE_MULTIPART_UPLOADS_RULE`)::
+aborted. The trainer aborts those under its run's checkpoints when training ends (it then is the
+run's only writer; that needs ``s3:ListBucketMultipartUploads`` and ``s3:AbortMultipartUpload``,
+and without them it logs a warning and carries on). Uploads of a run that never finishes, and of
+the final model, are left: give the bucket a lifecycle rule that aborts them, for example after
+one day (:data:`ABORT_INCOMPLETE_MULTIPART_UPLOADS_RULE`)::
 
     {
       "Rules": [

@@ -140,6 +140,12 @@ class Storage(ABC):
         """Delete what :meth:`list` returns for ``uri`` (and S3 folder markers under it); returns how
         many objects were deleted. Refuses a whole bucket or the filesystem root."""
 
+    def abort_incomplete_uploads(self, uri: str) -> int:
+        """Abort the unfinished multipart uploads under the prefix ``uri`` (what a writer killed
+        mid-upload leaves: invisible to :meth:`list`, billed until aborted); returns how many.
+        Only for a prefix no one is writing to. Files have none: 0."""
+        return 0
+
     # -- conditional writes: claims that must be won by exactly one writer --
 
     @abstractmethod

@@ -444,6 +444,20 @@ class S3Storage(Storage):
         logger.debug("deleted %d objects under %s", deleted, uri)
         return deleted
 
+    def abort_incomplete_uploads(self, uri: str) -> int:
+        bucket, key = self._location(uri)
+        if not key.strip("/"):
+            raise StorageError(f"refusing to abort every upload in bucket {bucket} ({uri}); name a prefix", uri=uri)
+        aborted = 0
+        with self._translating(uri, "aborting unfinished uploads"):
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+        logger.debug("aborted %d unfinished multipart uploads under %s", aborted, uri)
+        return aborted
+
     # -- conditional writes --
 
     def create_bytes(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:

@@ -160,3 +160,10 @@ class CheckpointSteps(RecipeBase):
         if removed:
             steps = ", ".join(str(s) for s in removed)
             self.sinks.message(f"   removed incomplete checkpoint(s) at step {steps} left by an interrupted attempt")
+        try:
+            aborted = self._manager().abort_incomplete_uploads()
+        except StorageError as exc:  # e.g. no s3:ListBucketMultipartUploads: the bucket's lifecycle rule is left
+            log.warning("aborting unfinished checkpoint uploads failed (the bucket's lifecycle rule will): %s", exc)
+            return
+        if aborted:
+            self.sinks.message(f"   aborted {aborted} unfinished checkpoint upload(s) left by an interrupted attempt")
