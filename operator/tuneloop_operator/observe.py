@@ -1,11 +1,12 @@
 """What the planner asks to observe before it decides (``Plan.needs``), at the edge.
 
 The planner is pure; when it needs to know who owns the output, what the dataset prefix holds
-now, how many rows arrived, what the drift query says, or whether a pinned run's model still
-exists, it says so in ``Plan.needs``, and :class:`Observer` looks (S3 listings, a PromQL query)
-and hands the planner an :class:`~tuneloop_operator.planner.Observed` with the answers. Every
-failure becomes an answer with an error, never an exception: the planner reports it in a
-condition and looks again later.
+now, how many rows arrived, what the drift query says, whether a pinned run's model still
+exists, or (after its status was found empty) what the lineage index and ``promoted.json`` say,
+it says so in ``Plan.needs``, and :class:`Observer` looks (S3 listings, a PromQL query) and hands
+the planner an :class:`~tuneloop_operator.planner.Observed` with the answers. Every failure
+becomes an answer with an error, never an exception: the planner reports it in a condition (or
+an event) and looks again later.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Observer:
                 log.warning("pinned run of %s/%s: %s", *key, exc)
                 changes["pin_target"] = None
             changes["pin_read"] = True
+        if "history" in wanted:
+            changes["history"] = await self.outputs.read_history(job)
         triggers = observed.triggers
         if "watermark" in wanted:
             triggers = dataclasses.replace(triggers, watermark=await self._watermark(job, status), watermark_read=True)

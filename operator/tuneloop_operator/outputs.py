@@ -8,7 +8,8 @@ platform's default Secret (``TUNELOOP_DEFAULT_STORAGE_SECRET``) is read the same
 without either the operator's own identity applies (botocore's standard chain: IRSA, instance profile...). The
 operator reads heartbeats and writes two small objects per job and run (``owner.json``,
 ``runs/<n>/run.json``): its identity needs ``s3:GetObject``, ``s3:PutObject`` and
-``s3:ListBucket`` on the output prefixes.
+``s3:ListBucket`` on the output prefixes. Only when a job's status is found empty while the job
+has runs does it read the lineage index and ``promoted.json`` back (:meth:`OutputAccess.read_history`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from pydantic import ValidationError
+
 from tuneloop.api import FineTuneJob
 from tuneloop.api.spec import Storage as StorageSettings
 from tuneloop.contract import Layout, PromotedPointer
@@ -28,7 +31,7 @@ from tuneloop.ownership import JobIdentity, claim_output, claim_run, highest_run
 from tuneloop.storage import NotFoundError, PreconditionFailedError, Storage, StorageError, safe_join
 from tuneloop_operator.datawatch import Listing
 from tuneloop_operator.kube import KubeClient
-from tuneloop_operator.planner import OutputClaim, OutputView
+from tuneloop_operator.planner import HistoryView, OutputClaim, OutputView
 from tuneloop_operator.promotion import Candidate
 from tuneloop_operator.render import NO_DEFAULTS, STORAGE_SECRET_KEYS, TrainerDefaults, storage_secret_name
 
@@ -165,6 +168,19 @@ class OutputAccess:
         uri = safe_join(job.spec.output.uri, Layout.INDEX)
         await asyncio.to_thread(_append_index, storage, uri, [dict(r) for r in records])
 
+    async def read_history(self, job: FineTuneJob) -> HistoryView:
+        """The lineage index and ``promoted.json``, to rebuild a status found empty (read only
+        then: a normal reconcile never reads them). What cannot be read, or is not what it should
+        be, is reported in the view with its URI, never raised."""
+        output = job.spec.output.uri
+        index_uri = safe_join(output, Layout.INDEX)
+        pointer_uri = safe_join(output, Layout.PROMOTED)
+        try:
+            storage = await self.storages.for_job(job)
+        except (StorageError, StorageAccessError) as exc:
+            return HistoryView(index_uri, pointer_uri, index_error=str(exc), pointer_error=str(exc))
+        return await asyncio.to_thread(_read_history, storage, output, index_uri, pointer_uri)
+
     async def pin_target(self, job: FineTuneJob, run: int) -> Candidate | None:
         """The run ``spec.promotion.pin`` names, from its model card, if its model still exists."""
         storage = await self.storages.for_job(job)
@@ -205,6 +221,62 @@ def _unstarted_claimant(storage: Storage, output_uri: str, run: int) -> JobIdent
     return claim.job if claim is not None else None
 
 
+INDEX_FORMAT: Final = "tuneloop-index/1"
+
+
+def _read_history(storage: Storage, output: str, index_uri: str, pointer_uri: str) -> HistoryView:
+    records: list[dict[str, Any]] = []
+    index_error: str | None = None
+    try:
+        loaded = json.loads(storage.read_bytes(index_uri))
+        if (
+            not isinstance(loaded, dict)
+            or loaded.get("format") != INDEX_FORMAT
+            or not isinstance(loaded.get("records"), list)
+        ):
+            index_error = f"{index_uri} is not a {INDEX_FORMAT} object (a format and a list of records)"
+        else:
+            records = [r for r in loaded["records"] if isinstance(r, dict)]
+    except NotFoundError:
+        pass
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        index_error = f"{index_uri} is not valid JSON"
+    except StorageError as exc:
+        index_error = str(exc)
+    pointer: PromotedPointer | None = None
+    pointer_error: str | None = None
+    try:
+        pointer = PromotedPointer.model_validate(storage.read_json(pointer_uri))
+    except NotFoundError:
+        pass
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the object"
+        pointer_error = f"{pointer_uri} is not a tuneloop-promoted/1 pointer ({where}: {first['msg']})"
+    except StorageError as exc:
+        pointer_error = str(exc)
+    hashes: dict[int, str] = {}
+    finished = [r.get("number") for r in records if r.get("event") == "finished"]
+    latest = max((n for n in finished if isinstance(n, int) and not isinstance(n, bool)), default=None)
+    if latest is not None:
+        try:
+            claim = read_run_claim(storage, output, latest)
+        except StorageError as exc:
+            log.warning("claim of run %d under %s: %s", latest, output, exc)
+            claim = None
+        if claim is not None:
+            hashes[latest] = claim.spec_hash
+    return HistoryView(
+        index_uri,
+        pointer_uri,
+        records=records,
+        index_error=index_error,
+        pointer=pointer,
+        pointer_error=pointer_error,
+        spec_hashes=hashes,
+    )
+
+
 #: Index records kept (the oldest are dropped beyond it; each run's directory keeps its own card).
 MAX_INDEX_RECORDS: Final = 10_000
 
@@ -225,7 +297,7 @@ def _append_index(storage: Storage, uri: str, records: list[dict[str, Any]]) -> 
         new = [r for r in records if r not in existing]
         if not new:
             return
-        body = json.dumps({"format": "tuneloop-index/1", "records": (existing + new)[-MAX_INDEX_RECORDS:]}, indent=1)
+        body = json.dumps({"format": INDEX_FORMAT, "records": (existing + new)[-MAX_INDEX_RECORDS:]}, indent=1)
         try:
             if current is None:
                 storage.create_bytes(uri, body.encode() + b"\n", content_type="application/json")

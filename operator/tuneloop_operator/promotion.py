@@ -21,10 +21,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast, get_args
 
 from tuneloop.api.spec import Promotion as PromotionSpec
-from tuneloop.api.status import AwaitingApproval, Promoted, PromotionDecision, Reason, RunRecord, RunTrigger
+from tuneloop.api.status import (
+    AwaitingApproval,
+    ConditionStatus,
+    Promoted,
+    PromotionDecision,
+    Reason,
+    RunRecord,
+    RunTrigger,
+)
 from tuneloop.contract import PromotedPointer
 
 ANNOTATION_APPROVE: Final = "tuneloop.dev/approve"
@@ -85,6 +93,32 @@ class PromotionOutcome:
     """``(status, reason, message)`` of the ``Promoted`` condition."""
     event: tuple[str, str, str] | None = None
     """``(type, reason, message)``."""
+
+
+def promoted_of(pointer: PromotedPointer) -> Promoted:
+    """``status.promoted`` as ``promoted.json`` records it (what :func:`pointer_for` wrote with it)."""
+    trigger = cast(RunTrigger, pointer.trigger) if pointer.trigger in get_args(RunTrigger) else None
+    return Promoted(
+        run=pointer.run,
+        model_uri=pointer.model_uri,
+        metrics=dict(pointer.metrics),
+        time=pointer.time,
+        trigger=trigger,
+        by=pointer.promoted_by,
+    )
+
+
+def condition_of(decision: PromotionDecision) -> tuple[ConditionStatus, str, str]:
+    """``(status, reason, message)`` of the ``Promoted`` condition a recorded decision set (its
+    ``reason`` is the condition's message)."""
+    if decision.decision == "Promoted":
+        return "True", Reason.PROMOTED, decision.reason
+    if decision.decision == "AwaitingApproval":
+        return "Unknown", Reason.AWAITING_APPROVAL, decision.reason
+    if decision.decision == "Rejected":
+        return "False", Reason.REJECTED, decision.reason
+    pin_invalid = decision.by.startswith("spec.promotion.pin=") and "has no model to promote" in decision.reason
+    return "False", Reason.PIN_INVALID if pin_invalid else Reason.NOT_PROMOTED, decision.reason
 
 
 def _numbers(metrics: Mapping[str, float], limit: int = 4) -> str:

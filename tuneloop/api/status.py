@@ -168,6 +168,11 @@ class Reason:
     FOLLOW_UP_PENDING: Final = "FollowUpPending"
     """``Reconciling``: the latest run ended and another run is about to start (a new generation,
     a pending trigger)."""
+    STATUS_RESTORED: Final = "StatusRestored"
+    """The status was found empty while the job has runs (it was wiped, or written by an unknown
+    version): the run history was rebuilt from the output's lineage index (``runs/index.json``)
+    and the promoted model from ``promoted.json``; the event says what was restored, and what
+    could not be (with the object's URI)."""
 
 
 class Condition(ApiModel):

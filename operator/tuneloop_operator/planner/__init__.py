@@ -22,7 +22,8 @@ Glossary (each word means this one thing here):
 Modules, in the order a pass uses them (each imports only those below it):
 
 - :mod:`.decide` — the entry (:func:`plan`) and a job's runs: start, adopt, claim the output,
-  supersede, clean up; :mod:`.attempts` — the attempts of the active run and how they end;
+  supersede, clean up; :mod:`.restore` — a wiped status rebuilt from the output's lineage index
+  and promoted pointer; :mod:`.attempts` — the attempts of the active run and how they end;
   :mod:`.loop` — retraining triggers and promotion decisions.
 - :mod:`.context` — :class:`~.context.Pass`, the state the decisions share.
 - :mod:`.status` — the conditions and events written, ``Ready``/``Reconciling``/``Stalled``.
@@ -32,10 +33,11 @@ Modules, in the order a pass uses them (each imports only those below it):
 
 from tuneloop_operator.planner.decide import plan, plan_deletion
 from tuneloop_operator.planner.observe import PodView, owner_of, parse_job, parse_status
-from tuneloop_operator.planner.types import Event, Observed, OutputClaim, OutputView, Plan
+from tuneloop_operator.planner.types import Event, HistoryView, Observed, OutputClaim, OutputView, Plan
 
 __all__ = [
     "Event",
+    "HistoryView",
     "Observed",
     "OutputClaim",
     "OutputView",

@@ -30,6 +30,8 @@ class Pass:
         """The active run was resumed in this pass (``spec.suspend`` turned false)."""
         self.adopting: set[str] = set()
         """Pods this pass creates for an attempt it adopted (not missing: never created yet)."""
+        self.restored: list[int] = []
+        """Runs this pass restored from the lineage index into a status found empty."""
 
     @property
     def now(self) -> datetime:

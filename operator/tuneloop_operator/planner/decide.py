@@ -30,6 +30,7 @@ from tuneloop_operator.planner.attempts import advance, close_attempt, finish, r
 from tuneloop_operator.planner.context import Pass
 from tuneloop_operator.planner.loop import promotion_decisions, retrain_triggers
 from tuneloop_operator.planner.observe import View, child_run, spec_hash, wants_new_run
+from tuneloop_operator.planner.restore import restore_history
 from tuneloop_operator.planner.types import Event, ObjectRef, Observed, OutputClaim, Plan, short
 from tuneloop_operator.render import names
 from tuneloop_operator.settings import OperatorSettings
@@ -68,6 +69,7 @@ def plan_deletion(body: Mapping[str, Any]) -> tuple[list[Event], str]:
 
 def decide_valid(ctx: Pass, job: FineTuneJob) -> None:
     """A job whose spec is valid: promotion decisions, triggers, then its runs."""
+    restore_history(ctx, job)
     failed = find_condition(ctx.status.conditions, ConditionType.FAILED)
     if failed is not None and failed.reason == Reason.INVALID_SPEC:
         # The spec was fixed: the Failed condition tells about the latest run again.
@@ -172,7 +174,8 @@ def adopt_orphans(ctx: Pass, job: FineTuneJob) -> None:
             "Normal",
             Reason.RUN_STARTED,
             f"the status did not record run {newest}: found its pods (attempt {attempt}) and follows them; "
-            f"guessed: trigger {trigger}, the current spec, start time now, earlier attempts and runs unknown",
+            f"guessed: trigger {trigger}, the current spec, start time now, earlier attempts "
+            + ("unknown (earlier runs restored from the lineage index)" if ctx.restored else "and runs unknown"),
         )
         return
     run.history = [run.history[0].model_copy(update={"end_time": ctx.now, "reason": "Unknown"})]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from tuneloop.api import FineTuneJob
 from tuneloop.api.spec import FineTuneJobSpec, Resources
-from tuneloop.api.status import CurrentRun, FineTuneJobStatus
+from tuneloop.api.status import CurrentRun, FineTuneJobStatus, PromotionDecision, RunRecord
 from tuneloop.contract import LIFECYCLE_FIELDS, PLACEMENT_FIELDS, Heartbeat, is_retryable, spec_hashes
 from tuneloop.contract import spec_hash as contract_spec_hash
 from tuneloop.ownership import JobIdentity
@@ -255,6 +255,52 @@ def failed_gates(summary: Mapping[str, Any]) -> list[str]:
             shown = f"{value:.4g}" if isinstance(value, int | float) else "n/a"
             out.append(f"{gate.get('metric')}={shown}")
     return out
+
+
+@dataclass(frozen=True)
+class IndexHistory:
+    """The lineage index (``runs/index.json``) read into what the status keeps."""
+
+    runs: dict[int, RunRecord]
+    """Each finished run's record (the last one the index holds for its number), with the last
+    promotion decision recorded for it."""
+    last_decision: tuple[int, PromotionDecision] | None = None
+    """The newest promotion decision: the run it is about, and the decision."""
+    unreadable: int = 0
+    """Records this version cannot read (another event, or fields it does not know)."""
+
+
+_RECORD_FIELDS: Final = frozenset(info.alias or name for name, info in RunRecord.model_fields.items())
+_DECISION_FIELDS: Final = frozenset(info.alias or name for name, info in PromotionDecision.model_fields.items())
+
+
+def parse_index(records: Sequence[Mapping[str, Any]]) -> IndexHistory:
+    """The index's records (oldest first) as run records and decisions: a run's later record
+    replaces an earlier one (a run recorded twice is one run), as does a later decision."""
+    runs: dict[int, RunRecord] = {}
+    decisions: dict[int, PromotionDecision] = {}
+    last: tuple[int, PromotionDecision] | None = None
+    unreadable = 0
+    for raw in records:
+        event = raw.get("event")
+        try:
+            if event == "finished":
+                record = RunRecord.model_validate({k: v for k, v in raw.items() if k in _RECORD_FIELDS})
+                runs[record.number] = record
+                continue
+            run = raw.get("run")
+            if event == "promotion" and isinstance(run, int) and not isinstance(run, bool) and run >= 1:
+                decision = PromotionDecision.model_validate({k: v for k, v in raw.items() if k in _DECISION_FIELDS})
+                decisions[run] = decision
+                last = (run, decision)
+                continue
+        except ValidationError:
+            pass
+        unreadable += 1
+    for number, decision in decisions.items():
+        if number in runs:
+            runs[number] = runs[number].model_copy(update={"promotion": decision})
+    return IndexHistory(runs=runs, last_decision=last, unreadable=unreadable)
 
 
 def child_run(obj: Mapping[str, Any]) -> int | None:

@@ -115,9 +115,18 @@ class Report:
             self.data_valid()
 
     def run_ended(
-        self, run: int, result: RunResult, reason: str, message: str, *, headline: str | None, model_uri: str | None
+        self,
+        run: int,
+        result: RunResult,
+        reason: str,
+        message: str,
+        *,
+        headline: str | None,
+        model_uri: str | None,
+        announce: bool = True,
     ) -> None:
-        """Conditions and event of a run that ended."""
+        """Conditions and event of a run that ended (``announce=False``: the conditions only, for
+        a run that ended before: its event was posted then)."""
         # The whole story goes once, into the condition that tells it (Complete or Failed);
         # the others say where it went.
         if result == "Succeeded":
@@ -126,14 +135,16 @@ class Report:
             self.cond(ConditionType.RUNNING, "False", Reason.SUCCEEDED, f"run {run} ended")
             self.cond(ConditionType.COMPLETE, "True", Reason.SUCCEEDED, text)
             self.cond(ConditionType.FAILED, "False", Reason.SUCCEEDED, f"run {run} succeeded")
-            self.event("Normal", Reason.SUCCEEDED, text)
+            if announce:
+                self.event("Normal", Reason.SUCCEEDED, text)
         else:
             text = f"run {run} failed ({reason}): {message}"
             brief = f"run {run} failed ({reason}): see the Failed condition"
             self.cond(ConditionType.RUNNING, "False", reason, f"run {run} ended")
             self.cond(ConditionType.COMPLETE, "False", reason, brief)
             self.cond(ConditionType.FAILED, "True", reason, text)
-            self.event("Warning", reason, text)
+            if announce:
+                self.event("Warning", reason, text)
 
     # -- the end of the pass --
 

@@ -65,6 +65,28 @@ class OutputView:
 
 
 @dataclass(frozen=True)
+class HistoryView:
+    """What the output prefix remembers of a job's runs, read only when the status was found
+    empty while the job has runs (its pods exist, or the prefix it owns has runs): the lineage
+    index and the promoted pointer the status is rebuilt from."""
+
+    index_uri: str
+    """Where the lineage index is (``runs/index.json``)."""
+    pointer_uri: str
+    """Where the promoted pointer is (``promoted.json``)."""
+    records: Sequence[Mapping[str, Any]] = ()
+    """The index's records, oldest first (none: it does not exist, or could not be read)."""
+    index_error: str | None = None
+    """Why the index could not be read or is not a ``tuneloop-index/1`` object."""
+    pointer: PromotedPointer | None = None
+    """``promoted.json`` (``None``: nothing was promoted, or it could not be read)."""
+    pointer_error: str | None = None
+    """Why ``promoted.json`` could not be read or is not a ``tuneloop-promoted/1`` object."""
+    spec_hashes: Mapping[int, str] = field(default_factory=dict)
+    """Run → the spec hash its claim (``runs/<n>/run.json``) records, for the latest finished run."""
+
+
+@dataclass(frozen=True)
 class OutputClaim:
     """Claims the executor makes before it creates a run's objects: the prefix for the job (if
     not yet its own) and the run number. A lost race aborts the plan; the next reconcile reads
@@ -91,7 +113,8 @@ class Plan:
     needs: set[str] = field(default_factory=set)
     """Observe these and plan again before carrying anything out: ``output`` (a run would
     start: :class:`OutputView`), ``data``/``rows``/``drift``/``watermark`` (the retraining
-    triggers: :class:`tuneloop_operator.triggers.Observations`), ``pin`` (the pinned run's model)."""
+    triggers: :class:`tuneloop_operator.triggers.Observations`), ``pin`` (the pinned run's model),
+    ``history`` (the status was found empty: :class:`HistoryView`)."""
     pointer: PromotedPointer | None = None
     """Write ``promoted.json`` (before the status says the run is promoted)."""
     index: list[dict[str, Any]] = field(default_factory=list)
@@ -148,3 +171,6 @@ class Observed:
     """The run ``spec.promotion.pin`` names, as found in storage (``None``: no model)."""
     pin_read: bool = False
     """The pinned run was looked for."""
+    history: HistoryView | None = None
+    """The lineage index and promoted pointer, read when the plan asked for them (``history``:
+    the status was found empty while the job has runs)."""

@@ -16,7 +16,7 @@ from tuneloop.api.status import Condition, FineTuneJobStatus, find_condition
 from tuneloop.contract import Heartbeat, PromotedPointer
 from tuneloop.ownership import JobIdentity, OwnerRecord
 from tuneloop_operator.conditions import status_patch
-from tuneloop_operator.planner import Event, Observed, OutputView, Plan, parse_status, plan
+from tuneloop_operator.planner import Event, HistoryView, Observed, OutputView, Plan, parse_status, plan
 from tuneloop_operator.promotion import Candidate
 from tuneloop_operator.settings import OperatorSettings
 from tuneloop_operator.triggers import DataObservation, DriftObservation, Observations, RowObservation
@@ -111,6 +111,16 @@ class World:
         """The operator's memory of when the triggers look next (lost by :meth:`restart_operator`)."""
         self.listings: dict[int, str] = {}
         """Run → the listing fingerprint recorded when it started."""
+        self.claimed_specs: dict[int, str] = {}
+        """Run → the spec hash its claim (``runs/<n>/run.json``) records."""
+        self.index_error: str | None = None
+        """Set to make ``runs/index.json`` unreadable (what the Observer then reports)."""
+        self.pointer_error: str | None = None
+        """Set to make ``promoted.json`` unreadable."""
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
 
     # -- the operator's side --
 
@@ -129,7 +139,29 @@ class World:
         self.output_reads += 1
         if self.output_error is not None:
             return OutputView(error=self.output_error)
-        return OutputView(owner=self.output_owner, highest_run=max(self.output_runs, default=0))
+        highest = max(self.output_runs, default=0)
+        # Claimed, and no pod of it was ever created: nothing but the claim is in runs/<highest>/.
+        unstarted = highest and not any(c.startswith(f"Pod/{self.name}-r{highest}-") for c in self.created)
+        return OutputView(
+            owner=self.output_owner,
+            highest_run=highest,
+            unstarted_claimant=self.output_runs[highest] if unstarted else None,
+        )
+
+    def history_view(self) -> HistoryView:
+        """What :meth:`tuneloop_operator.outputs.OutputAccess.read_history` would read."""
+        output = self.body["spec"]["output"]["uri"].rstrip("/")
+        finished = [r["number"] for r in self.index if r.get("event") == "finished" and isinstance(r["number"], int)]
+        latest = max(finished, default=None)
+        return HistoryView(
+            index_uri=f"{output}/runs/index.json",
+            pointer_uri=f"{output}/promoted.json",
+            records=[] if self.index_error else copy.deepcopy(self.index),
+            index_error=self.index_error,
+            pointer=None if self.pointer_error or not self.pointers else self.pointers[-1],
+            pointer_error=self.pointer_error,
+            spec_hashes={latest: self.claimed_specs[latest]} if latest in self.claimed_specs else {},
+        )
 
     def observe(self, observed: Observed, needs: set[str]) -> Observed:
         """What the handler's Observer would find: the simulated output, dataset and drift."""
@@ -139,6 +171,9 @@ class World:
         if "pin" in needs:
             changes["pin_target"] = self.pin_targets.get(self.body["spec"].get("promotion", {}).get("pin"))
             changes["pin_read"] = True
+        if "history" in needs:
+            self.requests.append("history")
+            changes["history"] = self.history_view()
         obs = observed.triggers
         if "watermark" in needs:
             self.requests.append("watermark")
@@ -194,6 +229,7 @@ class World:
             lineage = (*owner.lineage, owner.owner) if owner is not None else ()
             self.output_owner = OwnerRecord(owner=me, lineage=lineage)
         self.output_runs[claim.run] = me
+        self.claimed_specs[claim.run] = claim.spec_hash
         return True
 
     def apply(self, the_plan: Plan) -> None:
