@@ -3,7 +3,8 @@
 The trainer runs as the operator and ``tuneloop run`` run it: its own process
 (``python -m tuneloop_trainer run job.yaml --output … --run N``), here through a few lines of
 wrapper (:data:`TRAINER_WRAPPER`) that change nothing in the product and only *report*: every
-finished step and every checkpoint save that starts, one JSON line each, to a file the test reads
+finished step, every checkpoint save that starts and every progress message, one JSON line each, to
+a file the test reads
 (:class:`TrainerProcess`). That is what lets a test kill it after a given step and count, after the
 resume, how many finished steps were trained again.
 
@@ -42,7 +43,7 @@ from tests.manifests import ROOT
 if TYPE_CHECKING:
     from tests.harness.s3 import S3Harness
 
-#: Where the wrapper writes its JSON lines (one per finished step and per checkpoint save).
+#: Where the wrapper writes its JSON lines (one per finished step, checkpoint save and message).
 EVENTS_ENV = "TUNELOOP_TEST_TRAINER_EVENTS"
 #: A multipart threshold and part size in MiB for the wrapped trainer (S3's minimum part is 5).
 MULTIPART_ENV = "TUNELOOP_TEST_MULTIPART_MIB"
@@ -63,7 +64,7 @@ if mib:
     s3_config.DEFAULT_MULTIPART_THRESHOLD = s3_config.DEFAULT_MULTIPART_CHUNKSIZE = int(mib) * localfiles.MiB
 
 from tuneloop_trainer import checkpoints, progress
-step, save = progress.Sinks.step, checkpoints.CheckpointManager.save
+step, save, message = progress.Sinks.step, checkpoints.CheckpointManager.save, progress.Sinks.message
 
 def logged_step(self, report):
     step(self, report)
@@ -73,7 +74,12 @@ def logged_save(self, at, state, **kw):
     note(event="save", step=at)
     return save(self, at, state, **kw)
 
+def logged_message(self, text):
+    message(self, text)
+    note(event="message", text=text)
+
 progress.Sinks.step, checkpoints.CheckpointManager.save = logged_step, logged_save
+progress.Sinks.message = logged_message
 from tuneloop_trainer.main import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -136,6 +142,10 @@ class TrainerProcess:
     def saves(self) -> list[int]:
         """The steps at which this process started a checkpoint save."""
         return [e["step"] for e in self.events() if e["event"] == "save"]
+
+    def messages(self) -> list[str]:
+        """The progress messages this process wrote, in order."""
+        return [e["text"] for e in self.events() if e["event"] == "message"]
 
     def last_step(self) -> int:
         steps = self.steps()

@@ -12,11 +12,18 @@ signals it at one of four points chosen per run from a seeded RNG:
 * ``multipart``: with part 2 of a checkpoint's multipart ``state.pt`` upload in flight (a wider
   tiny model, 5 MiB parts).
 
+The held request belongs to the first checkpoint at or after the drawn step (a snapshot may be
+taken early by the expected upload time). With it held, a SIGKILL lands once the trainer says it
+waits for that upload at the bound (one interval past the newest complete checkpoint): the most a
+kill can lose, exactly one interval. A SIGTERM lands as soon as the request is held, which is then
+released.
+
 Then the run is resumed by the trainer's resume path on the same output (in this process, to keep
 the sample fast) and checked against an uninterrupted run of the same job: all planned steps, the
 same final loss and loss curve, the checkpoint it resumed from is the newest one that was complete
 in S3 when the process died (judged from S3, not from the trainer), the number of finished steps
-trained again, and no partial checkpoint left once the run has finished.
+trained again (at most one interval, also with an upload in flight), and no partial checkpoint
+left once the run has finished.
 """
 
 from __future__ import annotations
@@ -145,6 +152,8 @@ class Outcome:
     last_step: int
     resumed_from: int
     in_flight: bool
+    at_bound: bool
+    """Killed while the trainer waited at the bound for the held upload."""
     partial_at_kill: list[int]
     partial_after: list[int]
     multipart_left: int
@@ -155,23 +164,24 @@ class Outcome:
 
 
 def hold_for(proxy: HoldingS3Proxy, mode: str, step: int, rng: random.Random) -> Hold:
-    if mode == "upload":
-        name = rng.choice(DATA_FILES)
+    """Hold the chosen request of the first checkpoint at or after ``step``."""
+    name = {"upload": rng.choice(DATA_FILES), "manifest": "manifest.json"}.get(mode, "state.pt")
 
-        def wanted(r: S3Request) -> bool:
-            return r.method == "PUT" and checkpoint_file(r) == (step, name) and "uploadId" not in r.query
-
-    elif mode == "manifest":
-
-        def wanted(r: S3Request) -> bool:
-            return r.method == "PUT" and checkpoint_file(r) == (step, "manifest.json")
-
-    else:
-
-        def wanted(r: S3Request) -> bool:
-            return r.method == "PUT" and checkpoint_file(r) == (step, "state.pt") and r.query.get("partNumber") == ["2"]
+    def wanted(r: S3Request) -> bool:
+        target = checkpoint_file(r)
+        if r.method != "PUT" or target is None or target[0] < step or target[1] != name:
+            return False
+        if mode == "upload":
+            return "uploadId" not in r.query
+        return mode == "manifest" or r.query.get("partNumber") == ["2"]
 
     return proxy.hold(wanted)
+
+
+def waiting_at_the_bound(trainer: TrainerProcess, held: int) -> bool:
+    if trainer.proc.poll() is not None:
+        raise AssertionError(f"the trainer ended ({trainer.proc.returncode}) with the upload of step {held} held")
+    return any(f"waiting for the checkpoint at step {held} to finish uploading" in t for t in trainer.messages())
 
 
 def kill_and_resume(
@@ -213,6 +223,14 @@ def kill_and_resume(
                 if not hold.seen.is_set():
                     code, _, stderr = trainer.finish()
                     raise AssertionError(f"the trainer ended ({code}) before the held request:\n{stderr[-3000:]}")
+                if sig == signal.SIGKILL:
+                    # The most a kill can lose: the trainer went as far as it may with the upload
+                    # held, and waits for it there.
+                    held = checkpoint_file(hold.wait_seen())
+                    assert held is not None
+                    K8sApi.wait_for(
+                        lambda: waiting_at_the_bound(trainer, held[0]), timeout=300, message="the wait at the bound"
+                    )
                 trainer.signal(sig)
                 if sig == signal.SIGTERM:
                     hold.release()  # the stop waits for this upload, then saves its own checkpoint
@@ -252,6 +270,7 @@ def kill_and_resume(
         last_step=trainer.last_step(),
         resumed_from=resumed_from,
         in_flight=bool(saves) and saves[-1] > resumed_from,
+        at_bound=mode != "step" and sig == signal.SIGKILL,
         partial_at_kill=at_kill.partial,
         partial_after=after.partial,
         multipart_left=len(incomplete_multipart_uploads(s3, prefix)),
@@ -287,13 +306,16 @@ def test_trainer_killed_at_random_points_resumes_to_the_same_end(
     for o in outcomes:
         if sig == signal.SIGTERM:
             assert o.redone == 0, o  # SIGTERM checkpoints the step it stopped at
-        elif o.in_flight:
-            # Uploads run in the background: a kill while one is in flight also loses the steps
-            # trained since that save started, at most one more interval (the next save waits).
-            assert o.redone <= 2 * INTERVAL, o
         else:
+            # Uploads run in the background, but the loop waits for the one in flight rather than
+            # go more than one interval past the newest complete checkpoint.
             assert o.redone <= INTERVAL, o
+        if o.at_bound:
+            # Killed while it waited there: exactly one interval, with the upload in flight.
+            assert o.in_flight and o.redone == INTERVAL, o
         assert o.partial_after == [], o  # a partial checkpoint does not outlive the finished run
+    if sig == signal.SIGKILL:
+        assert any(o.at_bound for o in outcomes), "no kill with an upload in flight in the sample"
     per_mode = {mode: sum(o.mode == mode for o in outcomes) for mode in MODES}
     settled = [o.redone for o in outcomes if not o.in_flight]
     flying = [o.redone for o in outcomes if o.in_flight]
@@ -302,13 +324,14 @@ def test_trainer_killed_at_random_points_resumes_to_the_same_end(
         injection=(
             f"{sig.name} of `tuneloop_trainer run` (S3 output, moto): "
             + ", ".join(f"{k} {v}" for k, v in per_mode.items() if v)
-            + " (after a random step / mid data-file PUT / with the manifest PUT in flight / mid multipart part 2)"
+            + " (after a random step / mid data-file PUT / with the manifest PUT in flight / mid multipart part 2"
+            + ("; SIGKILL once the trainer waits at the bound for that upload)" if sig == signal.SIGKILL else ")")
         ),
         count=n,
         invariant=(
             "resume completes all planned steps with the uninterrupted run's final loss and loss curve (rel 1e-4); "
             "resumes from the newest checkpoint complete in S3, never a partial one; "
-            f"steps redone ≤ {INTERVAL} (one interval; ≤ 2 intervals when a kill lands while an upload is in flight); "
+            f"steps redone ≤ {INTERVAL} (one interval), also when a kill lands while an upload is in flight; "
             "SIGTERM exits 143 with 0 steps redone; no partial checkpoint left after the run"
         ),
         result=(
@@ -316,7 +339,8 @@ def test_trainer_killed_at_random_points_resumes_to_the_same_end(
             f"partial checkpoints present at the kill: {sum(len(o.partial_at_kill) for o in outcomes)}, loaded: 0, "
             f"left after the run: {sum(len(o.partial_after) for o in outcomes)}; steps redone: max "
             f"{max(settled, default=0)} with the last upload done ({len(settled)} runs), max "
-            f"{max(flying, default=0)} with one in flight ({len(flying)} runs); incomplete multipart uploads "
+            f"{max(flying, default=0)} with one in flight ({len(flying)} runs, "
+            f"{sum(o.at_bound for o in outcomes)} killed at the bound); incomplete multipart uploads "
             f"left: {sum(o.multipart_left for o in outcomes)}"
         ),
         notes=f"checkpoint every {INTERVAL} steps, tiny GPT-2, seed {SEED + int(sig)}",

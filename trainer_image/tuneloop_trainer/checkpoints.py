@@ -38,9 +38,10 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +169,12 @@ class CheckpointManager:
     Not thread-safe: call it from the training loop's thread only (the upload thread is its own).
     """
 
+    before_commit: Callable[[], None] | None = None
+    """Called on the upload thread before an upload touches the step's objects and again right
+    before its manifest is written; raises when this process may no longer write the run (another
+    writer took its S3 writer lease over, :mod:`tuneloop.lease`): then no manifest is written and
+    no retention runs, and the error surfaces at the next :meth:`wait`."""
+
     def __init__(
         self,
         storage: Storage,
@@ -200,6 +207,9 @@ class CheckpointManager:
         self.last_save_seconds: float | None = None
         self.last_upload_seconds: float | None = None
         self.last_bytes: int | None = None
+        self.last_flight_seconds: float | None = None
+        """Seconds from the last ``save`` handing its snapshot to the upload thread until that upload
+        (retention included) was done, failed or not: what a caller waiting for it would have waited."""
         self.saves = 0
         self.uploads = 0
 
@@ -231,7 +241,15 @@ class CheckpointManager:
             raise
         self.saves += 1
         self.last_save_seconds = time.monotonic() - started
-        self._pending = self._executor.submit(self._upload, step, directory, meta, metric)
+        submitted = time.monotonic()
+
+        def upload() -> None:
+            try:
+                self._upload(step, directory, meta, metric)
+            finally:  # before the future is done: whoever waited for it sees this upload's time
+                self.last_flight_seconds = time.monotonic() - submitted
+
+        self._pending = self._executor.submit(upload)
         if blocking:
             self.wait()
 
@@ -251,6 +269,12 @@ class CheckpointManager:
             if pending.done():
                 self._pending = None
 
+    def upload_done(self, timeout: float = 0.0) -> bool:
+        """Whether no upload is running, after waiting up to ``timeout`` seconds for the one that
+        is. Its outcome (a failure included) is left for :meth:`wait` to collect."""
+        pending = self._pending
+        return pending is None or bool(futures_wait([pending], timeout=timeout).done)
+
     def close(self) -> None:
         """Wait for the last upload (re-raising its failure) and stop the upload thread."""
         try:
@@ -262,6 +286,8 @@ class CheckpointManager:
         started = time.monotonic()
         uri = self.step_uri(step)
         try:
+            if self.before_commit is not None:  # a writer taken over must not even drop a manifest
+                self.before_commit()
             # A re-save of a step (a resumed attempt redoing it) must not leave the old manifest
             # describing new, half-uploaded files: drop it before touching anything else.
             self.storage.delete(safe_join(uri, MANIFEST_NAME))
@@ -285,6 +311,8 @@ class CheckpointManager:
             }
             if self.identity is not None:
                 manifest["identity"] = self.identity
+            if self.before_commit is not None:  # the commit: only while this process still writes the run
+                self.before_commit()
             self.storage.write_json(safe_join(uri, MANIFEST_NAME), manifest)
             self.uploads += 1
             self.last_bytes = sum(int(f["size"]) for f in files)

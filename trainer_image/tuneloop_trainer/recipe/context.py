@@ -4,6 +4,7 @@ to write) and :class:`RunResult` (the outcome, also the termination-message summ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ class RunContext:
     job_uid: str | None = None
     """The FineTuneJob's uid in a cluster (``None`` for ``tuneloop run``): part of the identity
     recorded in checkpoints, so that only the same job, run and spec resume them."""
+    writer_check: Callable[[], None] | None = None
+    """Called right before a checkpoint manifest and the final outputs are written: raises
+    (``OutputOwned``) once another process took the run over (the S3 writer lease,
+    :mod:`tuneloop.lease`); ``None``: nothing to check (a local output, or not the main process)."""
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """Who writes this run's checkpoints: job namespace, name and uid, run, spec hash."""

@@ -71,6 +71,8 @@ class FineTuneRecipe(SetupSteps, CheckpointSteps, OutputSteps):
         step_delay = float(os.environ.get("TUNELOOP_FAULT_STEP_DELAY", "0") or 0)
         # Where this attempt starts: at the beginning, or where the resumed checkpoint left off.
         start_epoch, start_batch = state.epoch, state.next_batch
+        # What a kill would lose is counted from here: the resumed checkpoint (or nothing) is durable.
+        self.cadence.durable(state.step, time.monotonic())
         for epoch in range(start_epoch, self.hp.epochs):
             batches = self._rank_batches(epoch, rank, world)
             first = start_batch if epoch == start_epoch else 0
@@ -140,12 +142,12 @@ class FineTuneRecipe(SetupSteps, CheckpointSteps, OutputSteps):
                 state.epoch, state.next_batch = (epoch + 1, 0) if end_of_epoch else (epoch, start + accum)
                 due = (eval_every and state.step % eval_every == 0) or (not eval_every and end_of_epoch)
                 stop = (due or state.step >= self.total_steps) and self._validate_and_maybe_stop(report.epoch)
-                if self._checkpoint_due() and not stop and state.step < self.total_steps:
-                    self.save_checkpoint(blocking=self.stop_requested)
+                if not stop and state.step < self.total_steps:
+                    # A kill must never lose more than one interval: the next step waits for the
+                    # upload in flight if it would go past that.
+                    self._checkpoint_and_hold(throughput.seconds_per_step())
                     if self.stop_requested:
-                        # A stop that arrived while this save waited for the previous upload
-                        # started it in the background: finish it before saying it is saved.
-                        self._report_completed_checkpoint()
+                        self._ensure_stop_checkpoint()
                         raise Interrupted(f"stopped at step {state.step} on request; checkpoint saved")
                 if stop:
                     self.stopped_early = True

@@ -118,9 +118,17 @@ class CheckpointPolicy(ApiModel):
     """When checkpoints are written (asynchronously, atomically) and how many are kept."""
 
     every_steps: Annotated[int, Field(gt=0)] | None = None
-    """Checkpoint every this many optimizer steps."""
+    """Checkpoint every this many optimizer steps; a kill (even mid-upload) loses at most this
+    many. Uploads run in the background, but training never goes more than this many steps past
+    the newest fully uploaded checkpoint: it waits for the upload in flight first. Snapshots fall
+    on the multiples of this number; when uploads take longer than a step (and a second), each is
+    taken early by the last upload's duration (never more than everySteps - 1 steps), so that the
+    wait is short."""
     every_minutes: Annotated[float, Field(gt=0.0)] | None = 15.0
-    """Checkpoint at least this often (bounds the work lost to a preemption)."""
+    """Checkpoint at least this often: a kill (even mid-upload) loses at most about this much
+    training (plus whatever a step or a validation takes beyond the recent steps' mean). Each
+    snapshot is taken early by the last upload's duration, and training waits for an upload still
+    in flight rather than go past the bound."""
     keep: Annotated[int, Field(ge=1, le=100)] = 3
     """Complete checkpoints kept, besides the best one."""
 
