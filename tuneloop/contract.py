@@ -148,6 +148,11 @@ class Layout:
         return f"{cls.run(run)}/run.json"
 
     @classmethod
+    def run_writer(cls, run: int) -> str:
+        """Which process writes the run right now, on S3 (the writer lease, :mod:`tuneloop.lease`)."""
+        return f"{cls.run(run)}/writer.json"
+
+    @classmethod
     def checkpoints(cls, run: int) -> str:
         return f"{cls.run(run)}/checkpoints"
 

@@ -299,6 +299,9 @@ def _pod_env(
         # records it in checkpoints and heartbeats (see tuneloop.ownership).
         _env("TUNELOOP_JOB_UID", job_uid),
         _env("TUNELOOP_RUN", str(run)),
+        # A later attempt takes the run's S3 writer lease over from an earlier attempt's pod still
+        # running (a zombie on a partitioned node), which then stops before its next commit.
+        _env("TUNELOOP_ATTEMPT", str(attempt)),
         _env("TUNELOOP_OUTPUT_URI", spec.output.uri),
         # Where this run writes (checkpoints, heartbeat, model): for people and tools reading the pod.
         _env("TUNELOOP_RUN_URI", safe_join(spec.output.uri, Layout.run(run))),

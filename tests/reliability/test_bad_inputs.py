@@ -40,6 +40,7 @@ import yaml
 
 from tests.harness import bad_inputs as bad
 from tests.harness.reliability import Figure, is_full, sample
+from tests.harness.s3 import S3Harness
 from tests.harness.trainer_jobs import manifest
 from tests.manifests import ROOT
 from tuneloop.contract import ExitCode
@@ -261,8 +262,11 @@ def _restored_signal_handlers() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def run_in_process(job: Path, d: Path, *args: str, monkeypatch: pytest.MonkeyPatch) -> Outcome:
-    """``python -m tuneloop_trainer run job.yaml`` in this process (what ``tuneloop run`` starts)."""
+def run_in_process(
+    job: Path, d: Path, *args: str, monkeypatch: pytest.MonkeyPatch, argv: list[str] | None = None
+) -> Outcome:
+    """``python -m tuneloop_trainer run job.yaml`` in this process (what ``tuneloop run`` starts);
+    ``argv`` replaces ``run job.yaml *args`` (``--config job.json``: as in a pod)."""
     from tuneloop_trainer.main import main
 
     monkeypatch.setenv("TUNELOOP_TERMINATION_LOG", str(d / "termination-log"))
@@ -276,7 +280,7 @@ def run_in_process(job: Path, d: Path, *args: str, monkeypatch: pytest.MonkeyPat
     out, err = io.StringIO(), io.StringIO()
     started = time.monotonic()
     with _restored_signal_handlers(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["--work-dir", str(d / "work"), "run", str(job), *args])
+        code = main(["--work-dir", str(d / "work"), *(argv if argv is not None else ["run", str(job), *args])])
     seconds = time.monotonic() - started
     log = d / "termination-log"
     summary = json.loads(log.read_text()) if log.exists() else None
@@ -502,7 +506,131 @@ def test_two_tuneloop_runs_on_one_run_at_once(tiny_model_dir, tmp_path: Path, fi
         count=1,
         invariant="never two writers of one run; the second exits 10 before writing",
         result=f"exits {[code for code, _ in ended]}; run 1 written once (card and status of the run that trained)",
-        notes="local output (flock on runs/<n>/run.json); S3 outputs have no lock",
+        notes="local output (flock on runs/<n>/run.json); S3: test_two_tuneloop_runs_on_one_s3_run_at_once",
+    )
+
+
+# --- two writers of one run in an S3 output (the writer lease, tuneloop/lease.py) ----------------
+
+
+def _s3_keys(s3: S3Harness, prefix: str) -> dict[str, bytes]:
+    return {key: s3.get_bytes(key) for key in s3.list_keys(prefix)}
+
+
+def test_a_second_process_on_an_s3_run_being_written_is_refused_before_it_writes(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: S3Harness
+) -> None:
+    """Regression: S3 has no ``flock``, so ``tuneloop run job.yaml --output s3://… --run 1`` twice
+    at once both wrote run 1. The writer a running process holds (another machine's) is taken
+    here by this test process; a clean end releases it, so the next run need not wait."""
+    from tuneloop.lease import WriterLease
+    from tuneloop.storage import Storage
+
+    d = tmp_path / "busy-s3"
+    d.mkdir()
+    out = s3.uri("out/")
+    job = job_file(d, tiny_model_dir("bert"), bad.one_class(d / "d.jsonl"))  # fails fast, after the claim
+    first = run_in_process(job, d, "--output", out, monkeypatch=monkeypatch)
+    assert first.code == ExitCode.INVALID_DATA, first.stderr[-2000:]
+    assert json.loads(s3.get_bytes("out/runs/1/writer.json"))["released"] is True  # released at its end
+    holder = WriterLease(Storage.for_uri(out), out, 1, host="gpu-box-7", pid=4242)
+    holder.acquire()  # as a process still writing run 1 on another machine would
+    before = _s3_keys(s3, "out/runs/1/")
+    try:
+        second = run_in_process(job, d, "--output", out, "--run", "1", monkeypatch=monkeypatch)
+    finally:
+        holder.release()
+    assert second.code == ExitCode.INVALID_CONFIG, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    line = second.last_line
+    assert line.startswith(f"error (OutputOwned, exit 10, permanent): run 1 under {out} is being written by another"), (
+        line
+    )
+    assert "pid 4242 on host gpu-box-7, writing since " in line and "counts as gone if not renewed by " in line, line
+    assert "--run 1" in line, line
+    assert {k: v for k, v in _s3_keys(s3, "out/runs/1/").items() if not k.endswith("writer.json")} == {
+        k: v for k, v in before.items() if not k.endswith("writer.json")
+    }  # nothing of run 1 was touched
+    third = run_in_process(job, d, "--output", out, "--run", "1", monkeypatch=monkeypatch)  # released: at once
+    assert third.code == ExitCode.INVALID_DATA, third.stderr[-2000:]
+
+
+def test_a_later_attempt_takes_an_s3_run_over_and_the_earlier_writer_stops_before_its_manifest(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: S3Harness
+) -> None:
+    """Regression: the pod of an earlier attempt, still running on a partitioned node, went on
+    writing the run the operator's next attempt writes, and could overwrite its checkpoint
+    manifests and model. Here the later attempt (pod of attempt 2) takes the lease over while the
+    earlier one (attempt 1) saves its first checkpoint: that checkpoint is never committed, the
+    earlier writer stops with exit 10 naming the later one, and leaves the later one's lease."""
+    from tuneloop.lease import WriterLease
+    from tuneloop.storage import Storage
+    from tuneloop_trainer.checkpoints import CheckpointManager
+
+    d = tmp_path / "zombie"
+    d.mkdir()
+    out = s3.uri("out/")
+    job = job_file(
+        d, tiny_model_dir("bert"), _good(d), hyperparameters={"maxSteps": 3}, output={"checkpoint": {"everySteps": 1}}
+    )
+    later = WriterLease(Storage.for_uri(out), out, 1, attempt=2, host="t-r1-a2-n0", pid=1)
+    save = CheckpointManager.save
+
+    def save_after_a_takeover(manager: CheckpointManager, step: int, *args: Any, **kwargs: Any) -> None:
+        if not later.held:
+            later.acquire()  # the operator's next attempt starts while this one still runs
+        save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save", save_after_a_takeover)
+    monkeypatch.setenv("TUNELOOP_ATTEMPT", "1")
+    config = d / "job.json"
+    config.write_text(json.dumps(yaml.safe_load(job.read_text())))
+    earlier = run_in_process(
+        job, d, monkeypatch=monkeypatch, argv=["--config", str(config), "--output-uri", out, "--run", "1"]
+    )
+    assert earlier.code == ExitCode.INVALID_CONFIG, earlier.stderr[-2000:]
+    assert "Traceback" not in earlier.stderr
+    line = earlier.last_line
+    assert line.startswith(f"error (OutputOwned, exit 10, permanent): run 1 under {out} is no longer this"), line
+    assert "another writer took it over: pid 1 on host t-r1-a2-n0 (attempt 2)" in line, line
+    keys = s3.list_keys("out/runs/1/")
+    assert later.took_over is not None and "held by attempt 1" in later.took_over
+    assert not [k for k in keys if k.endswith("manifest.json")], keys  # no checkpoint committed
+    assert not [k for k in keys if "/model" in k], keys  # no model, no card
+    writer = json.loads(s3.get_bytes("out/runs/1/writer.json"))
+    assert (writer["host"], writer["attempt"], writer["released"]) == ("t-r1-a2-n0", 2, False)
+    assert json.loads(s3.get_bytes("out/runs/1/status.json"))["phase"] != "failed"  # its end not written either
+    later.release()
+
+
+@pytest.mark.skipif(not is_full(), reason="two trainer processes: full run only (about 30 s on 2 cores)")
+def test_two_tuneloop_runs_on_one_s3_run_at_once(tiny_model_dir, tmp_path: Path, s3: S3Harness, figure: Figure) -> None:
+    """Both ``--run 1`` on one S3 output at once: one writes the run, the other is refused
+    before it writes; the lease is released at the end."""
+    d = tmp_path / "two-s3"
+    d.mkdir()
+    out = s3.uri("out/")
+    job = job_file(d, tiny_model_dir("bert"), _good(d))
+    procs = [start_cli(job, "--output", out, "--run", "1", env=s3.env) for _ in range(2)]
+    ended = []
+    for p in procs:
+        _stdout, stderr = p.communicate(timeout=CASE_TIMEOUT_S * 2)
+        assert "Traceback" not in stderr, stderr[-3000:]
+        ended.append((p.returncode, (stderr.strip().splitlines() or [""])[-1]))
+    ended.sort()
+    assert [code for code, _ in ended] == [0, int(ExitCode.INVALID_CONFIG)], ended
+    assert ended[1][1].startswith(f"error (OutputOwned, exit 10, permanent): run 1 under {out}"), ended
+    assert "being written by another process right now" in ended[1][1]
+    card = json.loads(s3.get_bytes("out/runs/1/model-card.json"))
+    assert card["run"] == 1 and json.loads(s3.get_bytes("out/runs/1/status.json"))["phase"] == "succeeded"
+    assert json.loads(s3.get_bytes("out/runs/1/writer.json"))["released"] is True
+    figure(
+        scenario=SCENARIO,
+        injection="two `tuneloop run job.yaml --output s3://… --run 1` on one output at once",
+        count=1,
+        invariant="never two writers of one run; the second exits 10 before writing",
+        result=f"exits {[code for code, _ in ended]}; run 1 written once; writer lease released at the end",
+        notes="S3 output: writer lease runs/<n>/writer.json (conditional create/replace, moto)",
     )
 
 

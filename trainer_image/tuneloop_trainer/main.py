@@ -38,6 +38,9 @@ from tuneloop.manifests import ManifestError, read_manifests, single_fine_tune_j
 from tuneloop.validate import validate_manifest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tuneloop.lease import WriterLease
     from tuneloop_trainer.errors import Failure
     from tuneloop_trainer.recipe import FineTuneRecipe
 
@@ -266,8 +269,8 @@ def lock_local_run(output_uri: str, run: int) -> int:
     first is still running) would both write it, and the card of one would describe the model
     of the other. The second is refused instead (exit 10, ``OutputOwned``), before it writes
     anything. The lock is ``flock`` on the run's ``run.json``, released by the kernel when the
-    process ends, however it ends. S3 has no locks: there, two writers of one run are not
-    detected."""
+    process ends, however it ends. S3 has no locks: there the process holds a writer lease
+    instead (:func:`lease_s3_run`)."""
     from tuneloop.contract import Layout  # noqa: PLC0415
     from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
 
@@ -295,6 +298,71 @@ def lock_local_run(output_uri: str, run: int) -> int:
     return run
 
 
+#: Writer leases this process holds on runs in S3 outputs (released when :func:`main` ends).
+_RUN_LEASES: list[WriterLease] = []
+
+
+def _attempt() -> int:
+    """The operator's attempt number of this pod (``TUNELOOP_ATTEMPT``; 0 when not set)."""
+    value = os.environ.get("TUNELOOP_ATTEMPT", "")
+    try:
+        return max(0, int(value)) if value else 0
+    except ValueError:
+        log.warning("TUNELOOP_ATTEMPT=%r is not an attempt number; taken as 0", value[:32])
+        return 0
+
+
+def lease_s3_run(job: FineTuneJob, output_uri: str, run: int, *, local: bool) -> int:
+    """Hold the writer lease of a run in an S3 output while this process writes it.
+
+    What :func:`lock_local_run` does with ``flock`` in a local output, done with a conditional
+    write of ``runs/<n>/writer.json`` (see :mod:`tuneloop.lease`): a second writer of the run
+    (another ``tuneloop run --run N``, or a zombie pod of an earlier attempt) is refused (exit 10,
+    ``OutputOwned``) before it writes anything, unless the lease is released, stale, held by an
+    earlier attempt of the operator (``TUNELOOP_ATTEMPT``; ``tuneloop run`` is attempt 0) or by a
+    process of this host that has ended. The lease is renewed in the background, checked before
+    each checkpoint manifest and the final outputs, and released when :func:`main` ends."""
+    from tuneloop.lease import WriterLease  # noqa: PLC0415
+    from tuneloop.ownership import OutputOwnedError  # noqa: PLC0415
+    from tuneloop.storage import Storage  # noqa: PLC0415
+    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
+
+    if not output_uri.startswith("s3://"):
+        return run
+    lease = WriterLease(
+        Storage.for_uri(output_uri, job.spec.storage), output_uri, run, attempt=0 if local else _attempt()
+    )
+    try:
+        lease.acquire()
+    except OutputOwnedError as exc:
+        raise OutputOwned(exc.args[0]) from None
+    if lease.took_over is not None:
+        print(f"tuneloop: took over the writer lease of run {run}: {lease.took_over}", file=sys.stderr)
+    lease.start()
+    _RUN_LEASES.append(lease)
+    return run
+
+
+def _run_lease(output_uri: str, run: int) -> WriterLease | None:
+    """The writer lease this process holds on ``run`` (``None``: none, e.g. a local output)."""
+    return next((x for x in _RUN_LEASES if x.output_uri == output_uri and x.run == run), None)
+
+
+def writer_check(lease: WriterLease) -> Callable[[], None]:
+    """A check for the recipe to call right before it commits (a checkpoint manifest, the final
+    outputs): ``OutputOwned`` (exit 10) once another writer took the run over."""
+    from tuneloop.ownership import OutputOwnedError  # noqa: PLC0415
+    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
+
+    def check() -> None:
+        try:
+            lease.check()
+        except OutputOwnedError as exc:
+            raise OutputOwned(exc.args[0]) from None
+
+    return check
+
+
 def _shared_run_number(claim: Any) -> int:
     """``claim()`` on the first process; its result on every process of a local multi-process
     launch (each would otherwise claim a number of its own)."""
@@ -317,16 +385,22 @@ def _shared_run_number(claim: Any) -> int:
     return int(box[0])
 
 
-def _sinks(job: FineTuneJob, run: int, output_uri: str, console: Any, uid: str | None) -> list[Any]:
-    """Console progress; the S3 heartbeat the operator reads (runs/<n>/status.json); and the
-    Prometheus endpoint when ``TUNELOOP_METRICS_PORT`` is set (the operator sets it in pods)."""
+def _sinks(
+    job: FineTuneJob, run: int, output_uri: str, console: Any, uid: str | None, *, lease: WriterLease | None = None
+) -> list[Any]:
+    """Console progress; the S3 heartbeat the operator reads (runs/<n>/status.json; no longer
+    written once ``lease`` is lost to another writer); and the Prometheus endpoint when
+    ``TUNELOOP_METRICS_PORT`` is set (the operator sets it in pods)."""
     from tuneloop.contract import Layout  # noqa: PLC0415
     from tuneloop.storage import Storage, safe_join  # noqa: PLC0415
     from tuneloop_trainer.telemetry import HeartbeatSink, PrometheusSink  # noqa: PLC0415
 
     sinks: list[Any] = [console]
     storage = Storage.for_uri(output_uri, job.spec.storage)
-    sinks.append(HeartbeatSink(storage, safe_join(output_uri, Layout.status(run)), run=run, job_uid=uid))
+    writing = None if lease is None else (lambda: lease.lost is None)
+    sinks.append(
+        HeartbeatSink(storage, safe_join(output_uri, Layout.status(run)), run=run, job_uid=uid, writing=writing)
+    )
     port = os.environ.get("TUNELOOP_METRICS_PORT")
     if port:
         sinks.append(PrometheusSink(port=int(port), job=job.metadata.name, run=run))
@@ -351,17 +425,25 @@ def train(
     cache = Path(os.environ.get("TUNELOOP_CACHE_DIR", Path.home() / ".cache" / "tuneloop"))
     # The operator passes the job's uid to its pods: only this job's pods may write its runs.
     uid = None if local else (os.environ.get("TUNELOOP_JOB_UID") or None)
+    # Only the first process claims the run and holds its lock (file://) or writer lease (s3://).
     run = _shared_run_number(
-        lambda: lock_local_run(output_uri, claim_run_number(job, output_uri, run, uid=uid, local=local))
+        lambda: lease_s3_run(
+            job,
+            output_uri,
+            lock_local_run(output_uri, claim_run_number(job, output_uri, run, uid=uid, local=local)),
+            local=local,
+        )
     )
+    lease = _run_lease(output_uri, run)
     ctx = RunContext(
         job=job,
         run=run,
         output_uri=output_uri,
         work_dir=work_dir,
-        sinks=Sinks(_sinks(job, run, output_uri, console, uid) if main_process else []),
+        sinks=Sinks(_sinks(job, run, output_uri, console, uid, lease=lease) if main_process else []),
         cache_dir=cache,
         job_uid=uid,
+        writer_check=None if lease is None else writer_check(lease),
     )
 
     def say(*args: Any, **kwargs: Any) -> None:
@@ -522,3 +604,5 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         while _RUN_LOCKS:  # the run is over: another process may write it now
             _RUN_LOCKS.pop().close()
+        while _RUN_LEASES:  # the same in S3: a resume right after need not wait for the lease to go stale
+            _RUN_LEASES.pop().release()

@@ -251,7 +251,10 @@ class HeartbeatSink:
     :meth:`set_checkpoint` and :meth:`close` always write. A background thread does the writing
     and only the latest heartbeat waits for it (older pending ones are dropped). Storage errors are
     logged and the next heartbeat is tried as usual. :meth:`end` writes how the run ended
-    (``succeeded``, ``stopped``, ``failed`` and why), even after :meth:`close`.
+    (``succeeded``, ``stopped``, ``failed`` and why), even after :meth:`close`. ``writing`` says
+    whether this process still writes the run (its S3 writer lease, :mod:`tuneloop.lease`); once it
+    says no, nothing more is written, so a writer taken over never overwrites the new writer's
+    heartbeat.
     """
 
     def __init__(
@@ -263,8 +266,10 @@ class HeartbeatSink:
         job_uid: str | None = None,
         min_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        writing: Callable[[], bool] | None = None,
     ) -> None:
         self.storage = storage
+        self.writing = writing
         self.uri = uri
         self.min_interval = min_interval
         self.clock = clock
@@ -286,6 +291,7 @@ class HeartbeatSink:
         self._pending: Heartbeat | None = None
         self._busy = False
         self._closed = False
+        self._silenced = False
         self._thread = threading.Thread(target=self._worker, name="tuneloop-heartbeat", daemon=True)
         self._thread.start()
 
@@ -371,6 +377,8 @@ class HeartbeatSink:
             except Exception:
                 logger.warning("final heartbeat not written: invalid values", exc_info=True)
                 return
+        if not self._may_write():
+            return
         try:
             self.storage.write_json(self.uri, heartbeat.model_dump(mode="json", by_alias=True))
             self.writes += 1
@@ -390,6 +398,15 @@ class HeartbeatSink:
             return True
 
     # --- inside ----------------------------------------------------------------------------------
+
+    def _may_write(self) -> bool:
+        """Whether this process still writes the run; said once when it stops."""
+        if self.writing is None or self.writing():
+            return True
+        if not self._silenced:
+            self._silenced = True
+            logger.warning("heartbeat to %s no longer written: another process writes the run", self.uri)
+        return False
 
     def _submit(self, *, force: bool) -> None:
         """Queue a snapshot when forced or due (the caller holds the lock)."""
@@ -426,17 +443,19 @@ class HeartbeatSink:
                     self._wake.notify_all()
                     return
                 self._busy = True
+            written: bool | None = None  # None: not this process's to write any more
             try:
-                self.storage.write_json(self.uri, heartbeat.model_dump(mode="json", by_alias=True))
-                ok = True
+                if self._may_write():
+                    self.storage.write_json(self.uri, heartbeat.model_dump(mode="json", by_alias=True))
+                    written = True
             except Exception as exc:
-                ok = False
+                written = False
                 logger.warning("heartbeat to %s failed: %s", self.uri, exc)
             with self._lock:
                 self._busy = False
-                if ok:
+                if written:
                     self.writes += 1
-                else:
+                elif written is False:
                     self.failures += 1
                 self._wake.notify_all()
 

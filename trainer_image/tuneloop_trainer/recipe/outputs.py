@@ -110,6 +110,8 @@ class OutputSteps(RecipeBase):
                 json.dumps(self.data_profile.to_dict(), ensure_ascii=False)
             )
         if self.accelerator.is_main_process:
+            if self.ctx.writer_check is not None:  # never overwrite the model of a writer that took over
+                self.ctx.writer_check()
             storage = self.sources.storage(self.ctx.output_uri)
             storage.upload_dir(model_dir, model_uri)
             storage.upload_dir(report_dir, self.ctx.run_uri(Layout.report(run)) + "/")
