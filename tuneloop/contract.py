@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field
 
-from tuneloop.api.status import CheckpointRef, Progress, TrainingProgress
+from tuneloop.api.status import CheckpointRef, Progress, Reason, TrainingProgress
 from tuneloop.api.types import ApiModel
 
 if TYPE_CHECKING:
@@ -47,10 +47,20 @@ class ExitCode(enum.IntEnum):
         """Whether the operator must not retry this exit."""
         return self in PERMANENT_EXIT_CODES
 
+    @property
+    def reason(self) -> str | None:
+        """The status reason (:class:`tuneloop.api.status.Reason`) of a permanent exit, as the
+        trainer reports it and the operator records it; ``None`` for success."""
+        return _PERMANENT_REASONS.get(self)
 
-PERMANENT_EXIT_CODES: Final = frozenset(
-    {ExitCode.INVALID_CONFIG, ExitCode.INVALID_DATA, ExitCode.UNSUPPORTED_MODEL, ExitCode.GATE_FAILED}
-)
+
+_PERMANENT_REASONS: Final[dict[ExitCode, str]] = {
+    ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
+    ExitCode.INVALID_DATA: Reason.INVALID_DATA,
+    ExitCode.UNSUPPORTED_MODEL: Reason.UNSUPPORTED_MODEL,
+    ExitCode.GATE_FAILED: Reason.GATE_FAILED,
+}
+PERMANENT_EXIT_CODES: Final = frozenset(_PERMANENT_REASONS)
 
 
 def is_retryable(exit_code: int) -> bool:

@@ -42,7 +42,8 @@ STORAGE_UNAVAILABLE: Final = "StorageUnavailable"
 
 class TrainerError(Exception):
     """A permanent failure with its exit code and the reason the termination message gives
-    (a :class:`tuneloop.api.status.Reason`); each subclass names both in its class statement."""
+    (a :class:`tuneloop.api.status.Reason`): each subclass names its exit code in its class
+    statement, and its reason where it is not the code's own (:attr:`ExitCode.reason`)."""
 
     exit_code: ClassVar[ExitCode] = ExitCode.INVALID_CONFIG
     reason: ClassVar[str] = Reason.INVALID_CONFIG
@@ -51,27 +52,26 @@ class TrainerError(Exception):
         super().__init_subclass__()
         if exit_code is not None:
             cls.exit_code = exit_code
-        if reason is not None:
-            cls.reason = reason
+        cls.reason = reason or cls.exit_code.reason or cls.reason
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class InvalidConfigError(TrainerError, exit_code=ExitCode.INVALID_CONFIG, reason=Reason.INVALID_CONFIG):
+class InvalidConfigError(TrainerError, exit_code=ExitCode.INVALID_CONFIG):
     """The job's configuration cannot be run."""
 
 
-class InvalidDataError(TrainerError, exit_code=ExitCode.INVALID_DATA, reason=Reason.INVALID_DATA):
+class InvalidDataError(TrainerError, exit_code=ExitCode.INVALID_DATA):
     """The data failed validation; the message names the rows and why."""
 
 
-class UnsupportedModelError(TrainerError, exit_code=ExitCode.UNSUPPORTED_MODEL, reason=Reason.UNSUPPORTED_MODEL):
+class UnsupportedModelError(TrainerError, exit_code=ExitCode.UNSUPPORTED_MODEL):
     """The model does not fit the task or method, or cannot be loaded."""
 
 
-class GateFailedError(TrainerError, exit_code=ExitCode.GATE_FAILED, reason=Reason.GATE_FAILED):
+class GateFailedError(TrainerError, exit_code=ExitCode.GATE_FAILED):
     """The model was trained and saved but did not pass its gates."""
 
 

@@ -45,12 +45,6 @@ from tuneloop_operator.planner.types import short
 from tuneloop_operator.render import names
 from tuneloop_operator.settings import OperatorSettings
 
-PERMANENT_REASONS: Final[dict[int, str]] = {
-    ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
-    ExitCode.INVALID_DATA: Reason.INVALID_DATA,
-    ExitCode.UNSUPPORTED_MODEL: Reason.UNSUPPORTED_MODEL,
-    ExitCode.GATE_FAILED: Reason.GATE_FAILED,
-}
 MAX_URI: Final = 2048
 MAX_ATTEMPT_MESSAGE: Final = 1024
 
@@ -328,7 +322,7 @@ def attempt_failed(ctx: Pass, job: FineTuneJob, current: CurrentRun, pod: PodVie
         code = pod.exit_code
         detail = f"pod {pod.name} exited with code {code}" + (f": {short(said, 600)}" if said.strip() else "")
     if code is not None and not is_retryable(code):
-        reason = PERMANENT_REASONS.get(code, Reason.INVALID_CONFIG)
+        reason = ExitCode(code).reason or Reason.INVALID_CONFIG
         if code == ExitCode.INVALID_CONFIG and summary.get("reason") == Reason.OUTPUT_OWNED:
             reason = Reason.OUTPUT_OWNED  # the trainer found its output or run claimed by another job
         close_attempt(ctx, current, reason, detail, exit_code=code)
