@@ -482,19 +482,24 @@ def start_cli(job: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 
 
 @pytest.mark.skipif(not is_full(), reason="two trainer processes: full run only (about 30 s on 2 cores)")
+def _two_at_once(job: Path, *args: str, env: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """Start two ``tuneloop run`` of ``job`` at once; their (exit code, last stderr line), sorted."""
+    procs = [start_cli(job, *args, env=env) for _ in range(2)]
+    ended = []
+    for p in procs:
+        _stdout, stderr = p.communicate(timeout=CASE_TIMEOUT_S * 2)
+        assert "Traceback" not in stderr, stderr[-3000:]
+        ended.append((p.returncode, (stderr.strip().splitlines() or [""])[-1]))
+    return sorted(ended)
+
+
 def test_two_tuneloop_runs_on_one_run_at_once(tiny_model_dir, tmp_path: Path, figure: Figure) -> None:
     """Both ``--run 1`` at once: one writes the run, the other is refused. (Without ``--run`` they
     take different runs: tests/integration/test_trainer_ownership.py.)"""
     d = tmp_path / "two"
     d.mkdir()
     job = job_file(d, tiny_model_dir("bert"), _good(d))
-    procs = [start_cli(job, "--run", "1") for _ in range(2)]
-    ended = []
-    for p in procs:
-        _stdout, stderr = p.communicate(timeout=CASE_TIMEOUT_S * 2)
-        assert "Traceback" not in stderr, stderr[-3000:]
-        ended.append((p.returncode, (stderr.strip().splitlines() or [""])[-1]))
-    ended.sort()
+    ended = _two_at_once(job, "--run", "1")
     assert [code for code, _ in ended] == [0, int(ExitCode.INVALID_CONFIG)], ended
     assert ended[1][1].startswith("error (OutputOwned, exit 10, permanent): run 1 under file://"), ended
     assert "being written by another process" in ended[1][1]
@@ -611,13 +616,7 @@ def test_two_tuneloop_runs_on_one_s3_run_at_once(tiny_model_dir, tmp_path: Path,
     d.mkdir()
     out = s3.uri("out/")
     job = job_file(d, tiny_model_dir("bert"), _good(d))
-    procs = [start_cli(job, "--output", out, "--run", "1", env=s3.env) for _ in range(2)]
-    ended = []
-    for p in procs:
-        _stdout, stderr = p.communicate(timeout=CASE_TIMEOUT_S * 2)
-        assert "Traceback" not in stderr, stderr[-3000:]
-        ended.append((p.returncode, (stderr.strip().splitlines() or [""])[-1]))
-    ended.sort()
+    ended = _two_at_once(job, "--output", out, "--run", "1", env=s3.env)
     assert [code for code, _ in ended] == [0, int(ExitCode.INVALID_CONFIG)], ended
     assert ended[1][1].startswith(f"error (OutputOwned, exit 10, permanent): run 1 under {out}"), ended
     assert "being written by another process right now" in ended[1][1]

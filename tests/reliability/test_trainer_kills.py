@@ -314,6 +314,7 @@ def test_trainer_killed_at_random_points_resumes_to_the_same_end(
             # Killed while it waited there: exactly one interval, with the upload in flight.
             assert o.in_flight and o.redone == INTERVAL, o
         assert o.partial_after == [], o  # a partial checkpoint does not outlive the finished run
+        assert o.multipart_left == 0, o  # nor does an upload cut short: aborted when training ends
     if sig == signal.SIGKILL:
         assert any(o.at_bound for o in outcomes), "no kill with an upload in flight in the sample"
     per_mode = {mode: sum(o.mode == mode for o in outcomes) for mode in MODES}
@@ -332,7 +333,8 @@ def test_trainer_killed_at_random_points_resumes_to_the_same_end(
             "resume completes all planned steps with the uninterrupted run's final loss and loss curve (rel 1e-4); "
             "resumes from the newest checkpoint complete in S3, never a partial one; "
             f"steps redone ≤ {INTERVAL} (one interval), also when a kill lands while an upload is in flight; "
-            "SIGTERM exits 143 with 0 steps redone; no partial checkpoint left after the run"
+            "SIGTERM exits 143 with 0 steps redone; no partial checkpoint and no unfinished multipart upload left "
+            "after the run"
         ),
         result=(
             f"{len(outcomes)} of {n} resumed to all {setup.reference('tiny')[0].steps} steps with the same loss; "
