@@ -96,8 +96,66 @@ def stall(endpoint: str, bucket: str, model_dir: Path, saves: int, work: Path) -
             "stall_seconds": statistics.median(stalls),
             "step_seconds": statistics.median(steps),
             "bytes": manager.last_bytes,
+            "blocked_per_interval": sum(stalls) / saves,
         }
+    results["bounded"] = bounded_stall(
+        manager_for=lambda: CheckpointManager(storage, f"s3://{bucket}/bounded/checkpoints", work / "bounded", keep=2),
+        train_step=train_step,
+        state=state,
+        intervals=saves,
+    )
     return results
+
+
+def bounded_stall(manager_for: Any, train_step: Any, state: Any, intervals: int) -> dict[str, Any]:
+    """Ours as the trainer's loop runs it: asynchronous uploads under the one-interval bound
+    (``recipe.checkpointing.Cadence``: a snapshot taken early by the last upload's duration, and a
+    wait for the upload in flight rather than go one interval past the newest complete
+    checkpoint), over the same number of intervals of 16 steps. Reports the loop's blocked time
+    per interval (snapshots plus waits), the snapshots taken and the most steps ever at risk."""
+    from tuneloop_trainer.recipe.checkpointing import Cadence
+
+    every = 16
+    manager = manager_for()
+    cadence = Cadence(every_steps=every, every_seconds=None, durable_time=time.monotonic())
+    pending: tuple[int, float] | None = None
+    blocked, waits, snapshots, at_risk, recent = 0.0, [], 0, 0, []
+
+    def settle() -> None:
+        nonlocal pending
+        assert pending is not None
+        manager.wait()
+        cadence.durable(*pending)
+        pending = None
+
+    for step in range(1, intervals * every + 1):
+        recent.append(train_step())
+        mean = statistics.fmean(recent[-10:])
+        t0 = time.perf_counter()
+        for _ in range(2):  # as recipe.checkpointing's _checkpoint_and_hold
+            if pending is not None and manager.upload_done():
+                settle()
+            if pending is None and cadence.due(
+                step, time.monotonic(), step_seconds=mean, upload_seconds=manager.last_flight_seconds
+            ):
+                pending = (step, time.monotonic())
+                manager.save(step, state())
+                snapshots += 1
+            if pending is None or cadence.hold(step, time.monotonic(), step_seconds=mean) is None:
+                break
+            w0 = time.perf_counter()
+            settle()
+            waits.append(time.perf_counter() - w0)
+        blocked += time.perf_counter() - t0
+        at_risk = max(at_risk, step - cadence.durable_step)
+    manager.close()
+    return {
+        "blocked_per_interval": blocked / intervals,
+        "snapshots": snapshots,
+        "waits": waits,
+        "max_steps_at_risk": at_risk,
+        "every": every,
+    }
 
 
 def sigterm_latency(endpoint: str, bucket: str, model_dir: Path, trials: int, work: Path) -> list[float]:
@@ -161,7 +219,7 @@ def sigterm_latency(endpoint: str, bucket: str, model_dir: Path, trials: int, wo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=5, help="SIGTERM trials (0: the stall part only)")
     parser.add_argument("--saves", type=int, default=5)
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
@@ -191,7 +249,7 @@ def main() -> None:
             work = Path(tmp)
             size = build_model(work / "model")
             result = stall(endpoint, "bench", work / "model", args.saves, work)
-            latencies = sigterm_latency(endpoint, "bench", work / "model", args.trials, work)
+            latencies = sigterm_latency(endpoint, "bench", work / "model", args.trials, work) if args.trials else []
     finally:
         server.stop()
     sync, async_ = result["sync"], result["async"]
@@ -205,6 +263,18 @@ def main() -> None:
         f"{async_['stall_seconds'] / sync['stall_seconds']:>7.0%}"
     )
     print(f"{'median training step':34}{sync['step_seconds']:>15.2f}s{async_['step_seconds']:>13.2f}s")
+    bounded = result["bounded"]
+    print(
+        f"as the trainer runs it (async under the one-interval bound, every {bounded['every']} steps): "
+        f"loop blocked {bounded['blocked_per_interval']:.2f}s per interval against "
+        f"{sync['blocked_per_interval']:.2f}s sync and {async_['blocked_per_interval']:.2f}s unbounded async "
+        f"(ratio to sync {bounded['blocked_per_interval'] / sync['blocked_per_interval']:.0%}); "
+        f"{bounded['snapshots']} snapshots in {args.saves} intervals; waits at the bound: "
+        f"{', '.join(f'{w:.2f}s' for w in bounded['waits']) or 'none'}; most steps at risk "
+        f"{bounded['max_steps_at_risk']} (bound {bounded['every']})"
+    )
+    if not latencies:
+        return
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     print(
