@@ -144,3 +144,53 @@ def test_the_loop_waits_at_one_interval_past_the_durable_checkpoint(
         f"(bounds the work a kill can lose to everySteps: {EVERY} steps)"
         for s in (EVERY, second)
     ]
+
+
+class CrashAt(Watch):
+    """A watch that crashes the run (like a killed attempt) once ``step`` is done."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.at = step
+
+    def step(self, report: StepReport) -> None:
+        super().step(report)
+        if report.step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_resumed_attempt_snapshots_early_by_the_upload_time_its_checkpoint_recorded(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without it, a resumed attempt's first checkpoint would wait for a whole untimed upload."""
+    import json
+
+    data = write_jsonl(tmp_path / "data.jsonl", rows_for("causal-lm", "text", n=80))
+    out = tmp_path / "out"
+    m = manifest(
+        "causal-lm",
+        tiny_model_dir("gpt2"),
+        data,
+        out,
+        method={"type": "full"},
+        hyperparameters={"epochs": 2, "batchSize": 8},
+    )
+    m["spec"]["output"]["checkpoint"] = {"everySteps": EVERY, "keep": 2}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(m, tmp_path / "w1", CrashAt(EVERY + 1), work_dir=tmp_path / "w1")
+    manifest_path = out / f"runs/1/checkpoints/step-{EVERY:08d}/manifest.json"
+    recorded = json.loads(manifest_path.read_text())
+    assert "uploadSeconds" in recorded
+    # As if that upload had taken far longer than a step: the next attempt must snapshot early.
+    recorded["uploadSeconds"] = 600.0
+    manifest_path.write_text(json.dumps(recorded))
+
+    uploads = HeldUploads(monkeypatch)
+    uploads.release()  # nothing held: only which steps are snapshotted matters here
+    watch = Watch()
+    result = run_recipe(m, tmp_path / "w2", watch, work_dir=tmp_path / "w2")
+    assert watch.steps[0] == EVERY + 1  # resumed from step 4
+    # D = 4 and the recorded upload spans many steps: the lead is capped at everySteps - 1, so the
+    # first snapshot is at D + 1 rather than on the next multiple (8).
+    assert uploads.started[0] == EVERY + 1, uploads.started
+    assert result.steps > 2 * EVERY

@@ -473,3 +473,32 @@ def test_a_checkpoint_recorded_under_an_older_hash_of_the_same_spec_resumes(back
     # Another job's checkpoint stays foreign, whatever its hash.
     stranger = manager(backend, tmp_path, identity={**after, "uid": "uid-2"}, spec_hashes={"current", "legacy"})
     assert stranger.load() is None
+
+
+def test_a_resumed_manager_knows_the_upload_time_its_checkpoint_recorded(backend: Backend, tmp_path: Path) -> None:
+    """A resumed attempt snapshots early by the last upload's duration from its first checkpoint on
+    (recipe Cadence), instead of waiting for a whole untimed upload: the manifest records it."""
+    writer = manager(backend, tmp_path / "a")
+    writer.save(4, tiny_state(4), blocking=True)
+    recorded = json.loads(backend.get("step-00000004/manifest.json"))["uploadSeconds"]
+    assert isinstance(recorded, float) and recorded >= 0
+    writer.close()
+
+    fresh = manager(backend, tmp_path / "b")
+    assert fresh.last_flight_seconds is None  # nothing timed before loading
+    loaded = fresh.load()
+    assert loaded is not None and loaded[0].step == 4
+    assert fresh.last_flight_seconds == (recorded or None)  # 0.0 (an instant upload) seeds nothing
+
+    # A manifest without the field (an older trainer) seeds nothing; this process's own upload does.
+    manifest = json.loads(backend.get("step-00000004/manifest.json"))
+    manifest["uploadSeconds"] = 7.5
+    backend.put("step-00000004/manifest.json", json.dumps(manifest).encode())
+    seeded = manager(backend, tmp_path / "c")
+    assert seeded.load() is not None and seeded.last_flight_seconds == 7.5
+    del manifest["uploadSeconds"]
+    backend.put("step-00000004/manifest.json", json.dumps(manifest).encode())
+    old = manager(backend, tmp_path / "d")
+    assert old.load() is not None and old.last_flight_seconds is None
+    old.save(8, tiny_state(8), blocking=True)
+    assert old.last_flight_seconds is not None and old.last_flight_seconds > 0

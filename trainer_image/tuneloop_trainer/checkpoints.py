@@ -209,7 +209,9 @@ class CheckpointManager:
         self.last_bytes: int | None = None
         self.last_flight_seconds: float | None = None
         """Seconds from the last ``save`` handing its snapshot to the upload thread until that upload
-        (retention included) was done, failed or not: what a caller waiting for it would have waited."""
+        (retention included) was done, failed or not: what a caller waiting for it would have waited.
+        Before this process's first upload: the upload time the manifest of the checkpoint
+        :meth:`load` resumed records (``uploadSeconds``), if any."""
         self.saves = 0
         self.uploads = 0
 
@@ -311,6 +313,9 @@ class CheckpointManager:
             }
             if self.identity is not None:
                 manifest["identity"] = self.identity
+            # How long the data files took: a resumed attempt snapshots early by it from its first
+            # checkpoint on, instead of waiting for a whole untimed upload (recipe Cadence).
+            manifest["uploadSeconds"] = round(time.monotonic() - started, 3)
             if self.before_commit is not None:  # the commit: only while this process still writes the run
                 self.before_commit()
             self.storage.write_json(safe_join(uri, MANIFEST_NAME), manifest)
@@ -508,7 +513,7 @@ class CheckpointManager:
             candidates.insert(0, info)
         for candidate in candidates:
             try:
-                return candidate, self._load_one(candidate)
+                loaded = candidate, self._load_one(candidate)
             except Exception as exc:
                 # Anything: a failed download or hash check (StorageError), a truncated safetensors
                 # header, pickle.UnpicklingError from a weights_only refusal, malformed JSON...
@@ -519,6 +524,11 @@ class CheckpointManager:
                     type(exc).__name__,
                     exc,
                 )
+                continue
+            recorded = candidate.manifest.get("uploadSeconds")
+            if self.last_flight_seconds is None and isinstance(recorded, int | float) and 0 < recorded < math.inf:
+                self.last_flight_seconds = float(recorded)
+            return loaded
         return None
 
     def _load_one(self, info: CheckpointInfo) -> CheckpointState:
