@@ -84,15 +84,9 @@ class HeldUploads:
                 self.gates.setdefault(step, threading.Event()).set()
 
 
-def waiting_for(step: int) -> Callable[[str], bool]:
-    return lambda text: f"waiting for the checkpoint at step {step} to finish uploading" in text
-
-
-def test_the_loop_waits_at_one_interval_past_the_durable_checkpoint(
-    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def full_fine_tune(tiny_model_dir: Any, tmp_path: Path, out: Path) -> dict[str, Any]:
+    """A full fine-tune of the tiny GPT-2 for 2 epochs, a checkpoint every ``EVERY`` steps."""
     data = write_jsonl(tmp_path / "data.jsonl", rows_for("causal-lm", "text", n=80))
-    out = tmp_path / "out"
     m = manifest(
         "causal-lm",
         tiny_model_dir("gpt2"),
@@ -102,6 +96,18 @@ def test_the_loop_waits_at_one_interval_past_the_durable_checkpoint(
         hyperparameters={"epochs": 2, "batchSize": 8},
     )
     m["spec"]["output"]["checkpoint"] = {"everySteps": EVERY, "keep": 2}
+    return m
+
+
+def waiting_for(step: int) -> Callable[[str], bool]:
+    return lambda text: f"waiting for the checkpoint at step {step} to finish uploading" in text
+
+
+def test_the_loop_waits_at_one_interval_past_the_durable_checkpoint(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    m = full_fine_tune(tiny_model_dir, tmp_path, out)
     uploads = HeldUploads(monkeypatch)
     watch = Watch()
     outcome: dict[str, Any] = {}
@@ -165,17 +171,8 @@ def test_a_resumed_attempt_snapshots_early_by_the_upload_time_its_checkpoint_rec
     """Without it, a resumed attempt's first checkpoint would wait for a whole untimed upload."""
     import json
 
-    data = write_jsonl(tmp_path / "data.jsonl", rows_for("causal-lm", "text", n=80))
     out = tmp_path / "out"
-    m = manifest(
-        "causal-lm",
-        tiny_model_dir("gpt2"),
-        data,
-        out,
-        method={"type": "full"},
-        hyperparameters={"epochs": 2, "batchSize": 8},
-    )
-    m["spec"]["output"]["checkpoint"] = {"everySteps": EVERY, "keep": 2}
+    m = full_fine_tune(tiny_model_dir, tmp_path, out)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_recipe(m, tmp_path / "w1", CrashAt(EVERY + 1), work_dir=tmp_path / "w1")
     manifest_path = out / f"runs/1/checkpoints/step-{EVERY:08d}/manifest.json"
