@@ -109,11 +109,11 @@ def stall(endpoint: str, bucket: str, model_dir: Path, saves: int, work: Path) -
 
 def bounded_stall(manager_for: Any, train_step: Any, state: Any, intervals: int) -> dict[str, Any]:
     """Ours as the trainer's loop runs it: asynchronous uploads under the one-interval bound
-    (``recipe.checkpointing.Cadence``: a snapshot taken early by the last upload's duration, and a
+    (``recipe.cadence.Cadence``: a snapshot taken early by the last upload's duration, and a
     wait for the upload in flight rather than go one interval past the newest complete
     checkpoint), over the same number of intervals of 16 steps. Reports the loop's blocked time
     per interval (snapshots plus waits), the snapshots taken and the most steps ever at risk."""
-    from tuneloop_trainer.recipe.checkpointing import Cadence
+    from tuneloop_trainer.recipe.cadence import Cadence
 
     every = 16
     manager = manager_for()

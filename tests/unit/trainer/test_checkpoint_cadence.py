@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tuneloop_trainer.recipe.checkpointing import Cadence
+from tuneloop_trainer.recipe.cadence import Cadence
 
 pytestmark = pytest.mark.unit
 

@@ -8,6 +8,7 @@ steps it calls live in the modules next to it, each building on :class:`.base.Re
 * :mod:`.state` — the loop's state, exactly what a checkpoint saves and restores;
 * :mod:`.setup` — data, tokenizer, model, features, optimizer;
 * :mod:`.batches` — training batches and the loss;
+* :mod:`.cadence` — when to snapshot and when to wait for an upload (at most one interval lost);
 * :mod:`.checkpointing` — saving and resuming;
 * :mod:`.evaluate` — evaluation, forgetting, fairness;
 * :mod:`.promoted` — the promoted model, evaluated on the same splits;

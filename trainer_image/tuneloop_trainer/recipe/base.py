@@ -10,7 +10,6 @@ classes built on it, each on the parts it calls, and
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from tuneloop_trainer.features import Feature
 from tuneloop_trainer.models import LoadedModel, ResolvedModel
 from tuneloop_trainer.optim import GradualUnfreezer
 from tuneloop_trainer.privacy import DifferentialPrivacy
+from tuneloop_trainer.recipe.cadence import Cadence
 from tuneloop_trainer.recipe.context import RunContext
 from tuneloop_trainer.recipe.state import LoopState
 from tuneloop_trainer.sources import Sources
@@ -97,7 +97,11 @@ class RecipeBase:
         """DP-SGD (``spec.privacy``): Poisson batches, per-example clipping, noise, the ε spent."""
         # Checkpointing (tuneloop_trainer.recipe.checkpointing); the manager exists once setup made it.
         self.checkpoints: CheckpointManager | None = None
-        self.last_checkpoint_time = time.monotonic()
+        self.cadence = Cadence.of(self.spec.output.checkpoint)
+        """When to snapshot and when to hold the loop at the bound (the loop sets where it starts)."""
+        self.snapshot_time = 0.0
+        """When the snapshot of ``pending_checkpoint`` was taken (monotonic): its training is safe
+        from then on once its upload is complete."""
         self.last_selection_value: float | None = None
         """The latest finite selection value: the metric recorded in the next checkpoint's manifest."""
         self.pending_checkpoint: tuple[int, str] | None = None

@@ -7,18 +7,16 @@ is complete. Resuming is a step of ``setup()`` of its own, once the model, optim
 exist.
 
 A kill loses what was trained since the newest *durable* checkpoint (its upload finished), not
-since the newest snapshot: :class:`Cadence` keeps that to one interval (``everySteps`` steps,
-about ``everyMinutes`` of training) while the upload stays in the background. It holds the loop
-at the bound while an upload is still in flight, and takes each snapshot early by the upload's
-expected duration, so that the hold is rarely needed.
+since the newest snapshot: the policy of :mod:`~tuneloop_trainer.recipe.cadence` keeps that to
+one interval (``everySteps`` steps, about ``everyMinutes`` of training) while the upload stays in
+the background. The loop is held at the bound while an upload is still in flight, and each
+snapshot is taken early by the upload's expected duration, so that the hold is rarely needed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Final
 
 import torch
 
@@ -26,80 +24,14 @@ from tuneloop.api.methods import traits
 from tuneloop.contract import Layout, spec_hashes
 from tuneloop_trainer.checkpoints import CheckpointManager, CheckpointState, capture_rng, restore_rng
 from tuneloop_trainer.recipe.base import RecipeBase
+from tuneloop_trainer.recipe.cadence import NOTICEABLE_SECONDS
 from tuneloop_trainer.recipe.state import BEST_PREFIX
 
 log = logging.getLogger(__name__)
 
-NOTICEABLE_SECONDS: Final = 1.0
-"""An upload shorter than this does not move a snapshot earlier (the hold then waits it out, under a
-second), and a hold shorter than this is not reported."""
-
-
-@dataclass
-class Cadence:
-    """When to snapshot, and when the loop must wait for the upload in flight, so that a kill never
-    loses more than one interval of training.
-
-    ``durable_step`` (D) is the step of the newest checkpoint whose upload finished (at the start,
-    the resumed step or 0), ``durable_time`` the monotonic time its snapshot was taken (at the
-    start, when training started). The guarantee: the loop never starts a step past
-    ``D + every_steps`` (nor one expected to end more than ``every_seconds`` after ``durable_time``)
-    while an upload is in flight; it waits for the upload first (:meth:`hold`). So that it rarely
-    waits, a snapshot is taken early by the upload's expected duration (:meth:`lead_steps`); with
-    uploads that finish within a step (or a second), snapshots stay on the multiples of
-    ``every_steps``.
-    """
-
-    every_steps: int | None
-    every_seconds: float | None
-    durable_step: int = 0
-    durable_time: float = 0.0
-
-    def lead_steps(self, upload_seconds: float | None, step_seconds: float) -> int:
-        """How many steps early to snapshot: the last upload's duration in (recent mean) steps,
-        never more than ``every_steps - 1`` (a snapshot is never taken before ``D + 1``)."""
-        if not self.every_steps or not upload_seconds or upload_seconds < NOTICEABLE_SECONDS or step_seconds <= 0:
-            return 0
-        return min(self.every_steps - 1, int(upload_seconds // step_seconds))
-
-    def due(self, step: int, now: float, *, step_seconds: float, upload_seconds: float | None) -> bool:
-        """Whether to snapshot once ``step`` is done, with no upload in flight."""
-        if self.every_steps:
-            lead = self.lead_steps(upload_seconds, step_seconds)
-            if lead:
-                target = self.durable_step + self.every_steps - lead
-            else:  # on the multiples (4, 8...), also after a resume from a SIGTERM's step
-                target = (self.durable_step // self.every_steps + 1) * self.every_steps
-            if step >= target:
-                return True
-        if self.every_seconds:
-            lead_s = upload_seconds if upload_seconds and upload_seconds >= NOTICEABLE_SECONDS else 0.0
-            # Decided at step ends: snapshot before the step that would leave too little time to upload.
-            return now + step_seconds - self.durable_time >= self.every_seconds - lead_s
-        return False
-
-    def hold(self, step: int, now: float, *, step_seconds: float) -> str | None:
-        """Why the loop must wait for the upload in flight before it starts the step after ``step``
-        (what it bounds), or ``None`` if it may go on."""
-        if self.every_steps and step >= self.durable_step + self.every_steps:
-            return f"bounds the work a kill can lose to everySteps: {self.every_steps} steps"
-        if self.every_seconds and now + step_seconds - self.durable_time > self.every_seconds:
-            return f"bounds the training a kill can lose to everyMinutes: {self.every_seconds / 60:g} min"
-        return None
-
-    def durable(self, step: int, taken_at: float) -> None:
-        """The checkpoint of ``step``, snapshotted at ``taken_at``, is complete in storage."""
-        self.durable_step, self.durable_time = step, taken_at
-
 
 class CheckpointSteps(RecipeBase):
     """Setting up the checkpoint manager, saving, resuming, and tidying up after training."""
-
-    cadence: Cadence
-    """When to snapshot and when to hold the loop (made by ``_setup_checkpoints``)."""
-    snapshot_time: float = 0.0
-    """When the snapshot of ``pending_checkpoint`` was taken (monotonic): its training is safe
-    from that point once its upload is complete."""
 
     def _setup_checkpoints(self) -> None:
         storage = self.sources.storage(self.ctx.output_uri)
@@ -113,13 +45,6 @@ class CheckpointSteps(RecipeBase):
             spec_hashes=spec_hashes(self.spec),
         )
         self.checkpoints.before_commit = self.ctx.writer_check  # the S3 writer lease (tuneloop.lease)
-        self.last_checkpoint_time = time.monotonic()
-        policy = self.spec.output.checkpoint
-        self.cadence = Cadence(
-            every_steps=policy.every_steps,
-            every_seconds=60 * policy.every_minutes if policy.every_minutes else None,
-            durable_time=self.last_checkpoint_time,
-        )
 
     def _manager(self) -> CheckpointManager:
         if self.checkpoints is None:
@@ -166,7 +91,6 @@ class CheckpointSteps(RecipeBase):
             # Only the main process uploads: the others count their snapshot as durable at once
             # (the main process holds them at the bound through the next collective anyway).
             self.cadence.durable(step, taken_at)
-        self.last_checkpoint_time = time.monotonic()
 
     def _report_completed_checkpoint(self) -> None:
         if self.pending_checkpoint is None:
@@ -179,7 +103,7 @@ class CheckpointSteps(RecipeBase):
         self.sinks.checkpoint(step, uri, cm.last_save_seconds or 0.0, cm.last_upload_seconds, cm.last_bytes or 0)
 
     def _checkpoint_due(self, step_seconds: float) -> bool:
-        """Whether to snapshot now: on a stop request, or when :class:`Cadence` says so. An upload
+        """Whether to snapshot now: on a stop request, or when :class:`.Cadence` says so. An upload
         that finished meanwhile is reported (and counted durable) first."""
         if self.stop_requested:
             return True
@@ -206,7 +130,7 @@ class CheckpointSteps(RecipeBase):
 
     def _hold_at_the_bound(self, step_seconds: float) -> bool:
         """Before the next step: wait for the upload in flight if the next step would put more than
-        one interval of training at risk (see :class:`Cadence`); say so if the wait is noticeable.
+        one interval of training at risk (see :class:`.Cadence`); say so if the wait is noticeable.
         Whether it waited."""
         if self.pending_checkpoint is None:
             return False
