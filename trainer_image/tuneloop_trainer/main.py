@@ -29,6 +29,8 @@ import sys
 import tempfile
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,6 +228,20 @@ def parse_run_number(value: str | None, source: str) -> int | None:
     return number
 
 
+@contextmanager
+def _refusals_as_output_owned() -> Iterator[None]:
+    """:mod:`tuneloop.ownership`'s and :mod:`tuneloop.lease`'s refusal raised as the trainer's
+    ``OutputOwned`` (exit 10): not a ``StorageError``, so that no storage retry or fallback on the
+    way takes it for a hiccup of the store."""
+    from tuneloop.ownership import OutputOwnedError  # noqa: PLC0415
+    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
+
+    try:
+        yield
+    except OutputOwnedError as exc:
+        raise OutputOwned(exc.args[0]) from None
+
+
 def claim_run_number(job: FineTuneJob, output_uri: str, requested: int | None, *, uid: str | None, local: bool) -> int:
     """Claim the output prefix for this job and a run number under it (see :mod:`tuneloop.ownership`).
 
@@ -234,27 +250,17 @@ def claim_run_number(job: FineTuneJob, output_uri: str, requested: int | None, *
     ends the run with exit 10 (``OutputOwned``) before anything is written. The claim also proves
     that the output location is writable before any long work starts."""
     from tuneloop.contract import spec_hash  # noqa: PLC0415
-    from tuneloop.ownership import (  # noqa: PLC0415
-        ClaimedBy,
-        JobIdentity,
-        OutputOwnedError,
-        claim_next_run,
-        claim_output,
-        claim_run,
-    )
+    from tuneloop.ownership import ClaimedBy, JobIdentity, claim_next_run, claim_output, claim_run  # noqa: PLC0415
     from tuneloop.storage import Storage  # noqa: PLC0415
-    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
 
     storage = Storage.for_uri(output_uri, job.spec.storage)
     me = JobIdentity(name=job.metadata.name, namespace=job.metadata.namespace, uid=uid)
     by: ClaimedBy = "tuneloop run" if local else "trainer"
-    try:
+    with _refusals_as_output_owned():
         claim_output(storage, output_uri, me, continue_lineage=job.spec.output.continue_lineage, by=by)
         if requested is None:
             return claim_next_run(storage, output_uri, me, spec_hash=spec_hash(job.spec), by=by).run
         return claim_run(storage, output_uri, me, requested, spec_hash=spec_hash(job.spec), by=by).run
-    except OutputOwnedError as exc:
-        raise OutputOwned(exc.args[0]) from None
 
 
 #: Open files whose locks say "this process writes that run" (held until the process ends).
@@ -323,19 +329,15 @@ def lease_s3_run(job: FineTuneJob, output_uri: str, run: int, *, local: bool) ->
     process of this host that has ended. The lease is renewed in the background, checked before
     each checkpoint manifest and the final outputs, and released when :func:`main` ends."""
     from tuneloop.lease import WriterLease  # noqa: PLC0415
-    from tuneloop.ownership import OutputOwnedError  # noqa: PLC0415
     from tuneloop.storage import Storage  # noqa: PLC0415
-    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
 
     if not output_uri.startswith("s3://"):
         return run
     lease = WriterLease(
         Storage.for_uri(output_uri, job.spec.storage), output_uri, run, attempt=0 if local else _attempt()
     )
-    try:
+    with _refusals_as_output_owned():
         lease.acquire()
-    except OutputOwnedError as exc:
-        raise OutputOwned(exc.args[0]) from None
     if lease.took_over is not None:
         print(f"tuneloop: took over the writer lease of run {run}: {lease.took_over}", file=sys.stderr)
     lease.start()
@@ -351,14 +353,10 @@ def _run_lease(output_uri: str, run: int) -> WriterLease | None:
 def writer_check(lease: WriterLease) -> Callable[[], None]:
     """A check for the recipe to call right before it commits (a checkpoint manifest, the final
     outputs): ``OutputOwned`` (exit 10) once another writer took the run over."""
-    from tuneloop.ownership import OutputOwnedError  # noqa: PLC0415
-    from tuneloop_trainer.errors import OutputOwned  # noqa: PLC0415
 
     def check() -> None:
-        try:
+        with _refusals_as_output_owned():
             lease.check()
-        except OutputOwnedError as exc:
-            raise OutputOwned(exc.args[0]) from None
 
     return check
 
