@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from tuneloop.api import FineTuneJob
 from tuneloop.api.spec import Storage as StorageSettings
-from tuneloop.contract import Layout, PromotedPointer
+from tuneloop.contract import PROMOTED_FORMAT, Layout, PromotedPointer
 from tuneloop.ownership import JobIdentity, claim_output, claim_run, highest_run, read_owner, read_run_claim
 from tuneloop.storage import NotFoundError, PreconditionFailedError, Storage, StorageError, safe_join
 from tuneloop_operator.datawatch import Listing
@@ -252,7 +252,7 @@ def _read_history(storage: Storage, output: str, index_uri: str, pointer_uri: st
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "the object"
-        pointer_error = f"{pointer_uri} is not a tuneloop-promoted/1 pointer ({where}: {first['msg']})"
+        pointer_error = f"{pointer_uri} is not a {PROMOTED_FORMAT} pointer ({where}: {first['msg']})"
     except StorageError as exc:
         pointer_error = str(exc)
     hashes: dict[int, str] = {}

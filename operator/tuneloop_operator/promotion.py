@@ -35,6 +35,11 @@ from tuneloop.api.status import (
 )
 from tuneloop.contract import PromotedPointer
 
+#: What a pin whose run has no model says (the ``PinInvalid`` decision's reason, read back when a
+#: wiped status is rebuilt from the lineage index, which keeps decisions, not condition reasons).
+PIN_HAS_NO_MODEL: Final = "has no model to promote"
+#: Who a pin's decisions are by: this, then the pinned run.
+PIN_BY: Final = "spec.promotion.pin="
 ANNOTATION_APPROVE: Final = "tuneloop.dev/approve"
 """``tuneloop.dev/approve=<run>`` promotes a run awaiting approval."""
 ANNOTATION_REJECT: Final = "tuneloop.dev/reject"
@@ -117,7 +122,7 @@ def condition_of(decision: PromotionDecision) -> tuple[ConditionStatus, str, str
         return "Unknown", Reason.AWAITING_APPROVAL, decision.reason
     if decision.decision == "Rejected":
         return "False", Reason.REJECTED, decision.reason
-    pin_invalid = decision.by.startswith("spec.promotion.pin=") and "has no model to promote" in decision.reason
+    pin_invalid = decision.by.startswith(PIN_BY) and PIN_HAS_NO_MODEL in decision.reason
     return "False", Reason.PIN_INVALID if pin_invalid else Reason.NOT_PROMOTED, decision.reason
 
 
@@ -339,9 +344,9 @@ def pinned(
     nothing changes."""
     if spec.pin is None or (current is not None and current.run == spec.pin):
         return None
-    by = f"spec.promotion.pin={spec.pin}"
+    by = f"{PIN_BY}{spec.pin}"
     if target is None or target.model_uri is None:
-        message = f"{by}: run {spec.pin} has no model to promote (it does not exist, or was deleted)" + (
+        message = f"{by}: run {spec.pin} {PIN_HAS_NO_MODEL} (it does not exist, or was deleted)" + (
             f"; run {current.run} stays promoted" if current is not None else ""
         )
         return PromotionOutcome(
